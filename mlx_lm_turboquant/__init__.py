@@ -1,0 +1,21 @@
+"""TurboQuant KV-cache compression for mlx-lm (arXiv 2504.19874)."""
+
+from .api import make_prompt_cache, schemes
+from .attention import turboquant_sdpa
+from .cache import TurboQuantKVCache
+from .config import KVScheme, parse_layer_spec, parse_scheme
+from .integration import activate, deactivate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVScheme",
+    "TurboQuantKVCache",
+    "activate",
+    "deactivate",
+    "make_prompt_cache",
+    "parse_layer_spec",
+    "parse_scheme",
+    "schemes",
+    "turboquant_sdpa",
+]

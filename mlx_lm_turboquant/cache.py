@@ -1,0 +1,311 @@
+"""TurboQuantKVCache: an mlx-lm KV cache that keeps keys and values compressed.
+
+Tokens are encoded as they arrive (prefill chunks included), so no float copy of the
+cache ever exists. Storage grows in steps of ``step`` tokens like mlx-lm's KVCache.
+Attention reads the packed data directly (see ``attention.turboquant_sdpa``); the
+arrays returned by ``update_and_fetch`` are only handles that describe the cache.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import _BaseCache, create_attention_mask
+
+from .codec import get_codec
+from .config import KVScheme, parse_scheme
+
+# mlx-lm <= 0.32.0 keeps scalars in `meta_state` (strings) and calls
+# `from_state(state, meta_state)`; 0.32.2 stores Python scalars inside `state`.
+USES_META_STATE = hasattr(_BaseCache, "meta_state")
+
+_STATE_FIELDS = (
+    "scheme", "key_bits", "value_bits", "norm_correction", "seed",
+    "layer_index", "offset", "k_dim", "v_dim", "dtype",
+)  # fmt: skip
+
+
+def layer_seed(base_seed: int, layer_index: int, kind: int) -> int:
+    """A rotation seed per (layer, keys=0 / values=1), stable across runs and platforms."""
+    return int(np.random.SeedSequence([base_seed, layer_index, kind]).generate_state(1)[0])
+
+
+class CompressedKV:
+    """What ``update_and_fetch`` returns: a handle on the cache, not an array.
+
+    Attention on it goes through the patched dispatcher. Code that treats it as an
+    array (a model doing its own attention) fails loudly instead of silently reading
+    packed bits as floats.
+    """
+
+    def __init__(self, cache: "TurboQuantKVCache", kind: str, shape, dtype):
+        self.cache, self.kind, self.shape, self.dtype = cache, kind, tuple(shape), dtype
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __repr__(self):
+        return f"CompressedKV({self.kind}, shape={self.shape}, scheme={self.cache.scheme.name})"
+
+
+class TurboQuantKVCache(_BaseCache):
+    """KV cache for one attention layer, TurboQuant-compressed.
+
+    Args:
+        scheme: a :class:`KVScheme` or its name (``"turbo4"``, ``"turbo0v4"``, ...).
+        layer_index: the layer's index; seeds the layer's rotations.
+
+    Stored arrays (``T`` = capacity, grown in steps of ``step``):
+        keys: ``[B, H_kv, T, words_k]`` uint32, or ``[B, H_kv, T, D_k]`` float when key_bits == 0.
+        key_norms: ``[B, H_kv, T]`` float16 (None when key_bits == 0).
+        values: ``[B, H_kv, T, words_v]`` uint32.
+        value_norms: ``[B, H_kv, T]`` float16.
+    """
+
+    step = 256
+
+    def __init__(self, scheme="turbo4", layer_index: int = 0):
+        self.scheme: KVScheme = parse_scheme(scheme)
+        if isinstance(layer_index, bool) or not isinstance(layer_index, int) or layer_index < 0:
+            raise ValueError(f"layer_index must be a non-negative int, got {layer_index!r}")
+        self.layer_index = layer_index
+        self.offset = 0
+        self.keys = self.key_norms = self.values = self.value_norms = None
+        self.k_dim = self.v_dim = None
+        self.dtype = None
+
+    # -- codecs -----------------------------------------------------------------
+
+    @property
+    def key_codec(self):
+        if self.scheme.key_bits == 0 or self.k_dim is None:
+            return None
+        seed = layer_seed(self.scheme.seed, self.layer_index, 0)
+        return get_codec(self.k_dim, self.scheme.key_bits, seed, self.scheme.norm_correction)
+
+    @property
+    def value_codec(self):
+        if self.v_dim is None:
+            return None
+        seed = layer_seed(self.scheme.seed, self.layer_index, 1)
+        return get_codec(self.v_dim, self.scheme.value_bits, seed, self.scheme.norm_correction)
+
+    # -- the mlx-lm cache protocol ----------------------------------------------
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Compress and append ``keys`` ``[B, H_kv, L, D_k]`` and ``values`` ``[B, H_kv, L, D_v]``."""
+        B, n_kv_heads, L, k_dim = keys.shape
+        v_dim = values.shape[-1]
+        if self.k_dim is None:
+            self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, keys.dtype
+        elif (k_dim, v_dim) != (self.k_dim, self.v_dim):
+            raise ValueError(
+                f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
+                f"got keys {keys.shape} and values {values.shape}"
+            )
+        if self.scheme.key_bits == 0:
+            new_keys, new_key_norms = keys.astype(self.dtype), None
+        else:
+            new_keys, new_key_norms = self.key_codec.encode(keys)
+        new_values, new_value_norms = self.value_codec.encode(values)
+
+        prev = self.offset
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            self._grow(prev, L, new_keys, new_key_norms, new_values, new_value_norms)
+        self.offset += L
+        self.keys[:, :, prev : self.offset] = new_keys
+        self.values[:, :, prev : self.offset] = new_values
+        if new_key_norms is not None:
+            self.key_norms[:, :, prev : self.offset] = new_key_norms
+        self.value_norms[:, :, prev : self.offset] = new_value_norms
+        return (
+            CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
+        )
+
+    def _grow(self, prev, L, *new):
+        """Allocate room for at least ``L`` more tokens, in whole steps.
+
+        The old contents are copied once per step (as in mlx-lm's KVCache), never
+        per token.
+        """
+        n_steps = (self.step + L - 1) // self.step
+        names = ("keys", "key_norms", "values", "value_norms")
+        for name, like in zip(names, new):
+            if like is None:
+                continue
+            shape = list(like.shape)
+            shape[2] = n_steps * self.step
+            extra = mx.zeros(shape, like.dtype)
+            old = getattr(self, name)
+            if old is None:
+                setattr(self, name, extra)
+            else:
+                setattr(self, name, mx.concatenate([old[:, :, :prev], extra], axis=2))
+
+    def size(self):
+        return self.offset
+
+    def empty(self):
+        return self.keys is None
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def make_mask(self, *args, **kwargs):
+        return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    @property
+    def nbytes(self):
+        """Bytes of the arrays this cache holds (capacity included, like KVCache)."""
+        arrays = (self.keys, self.key_norms, self.values, self.value_norms)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token costs in this layer; 0 before the first update."""
+        if self.k_dim is None:
+            return 0
+        return self.scheme.bytes_per_token(self.keys.shape[1], self.k_dim, self.v_dim)
+
+    # -- reading the data back --------------------------------------------------
+
+    def fetch(self):
+        """The used part of the stored arrays: ``(keys, key_norms, values, value_norms)``."""
+        T = self.offset
+        key_norms = None if self.key_norms is None else self.key_norms[:, :, :T]
+        return (self.keys[:, :, :T], key_norms, self.values[:, :, :T], self.value_norms[:, :, :T])
+
+    def dequantize(self, dtype=mx.float32):
+        """Keys ``[B, H_kv, offset, D_k]`` and values ``[B, H_kv, offset, D_v]`` in the
+        original basis. For tests and debugging: attention never needs this."""
+        keys, key_norms, values, value_norms = self.fetch()
+        if self.scheme.key_bits == 0:
+            keys = keys.astype(dtype)
+        else:
+            keys = self.key_codec.decode(keys, key_norms, dtype)
+        return keys, self.value_codec.decode(values, value_norms, dtype)
+
+    # -- serialization ----------------------------------------------------------
+
+    def _scalars(self):
+        s = self.scheme
+        dtype = None if self.dtype is None else str(self.dtype).split(".")[-1]
+        return (
+            s.name, s.key_bits, s.value_bits, s.norm_correction, s.seed,
+            self.layer_index, self.offset, self.k_dim, self.v_dim, dtype,
+        )  # fmt: skip
+
+    @property
+    def state(self):
+        if self.keys is None:
+            arrays = (None, None, None, None)
+        else:
+            arrays = self.fetch()
+        if USES_META_STATE:
+            return tuple(a if a is not None else mx.array([]) for a in arrays)
+        return arrays + self._scalars()
+
+    @state.setter
+    def state(self, v):
+        v = list(v)
+        if USES_META_STATE:
+            if len(v) != 4:
+                raise ValueError(f"TurboQuantKVCache state holds 4 arrays, got {len(v)} items")
+            arrays = v
+        else:
+            if len(v) != 4 + len(_STATE_FIELDS):
+                raise ValueError(
+                    f"TurboQuantKVCache state holds {4 + len(_STATE_FIELDS)} items, got {len(v)}"
+                )
+            arrays = v[:4]
+            self._set_scalars(v[4:])
+        self._set_arrays(arrays)
+
+    @property
+    def meta_state(self):
+        return tuple("" if x is None else str(x) for x in self._scalars())
+
+    @meta_state.setter
+    def meta_state(self, v):
+        v = list(v)
+        if len(v) != len(_STATE_FIELDS):
+            raise ValueError(f"meta_state holds {len(_STATE_FIELDS)} strings, got {len(v)}")
+        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = v
+        as_int = lambda x: None if x in ("", "None") else int(x)  # noqa: E731
+        self._set_scalars(
+            (name, int(kb), int(vb), nc == "True", int(seed), int(layer),
+             int(offset), as_int(k_dim), as_int(v_dim), dtype or None)
+        )  # fmt: skip
+
+    def _set_scalars(self, values):
+        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = values
+        scheme = parse_scheme(name)
+        if (scheme.key_bits, scheme.value_bits) != (kb, vb):
+            raise ValueError(f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}")
+        self.scheme = KVScheme(scheme.name, kb, vb, bool(nc), int(seed))
+        for field, x in (("layer_index", layer), ("offset", offset)):
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise ValueError(f"{field} must be a non-negative int, got {x!r}")
+        self.layer_index, self.offset = layer, offset
+        self.k_dim, self.v_dim = k_dim, v_dim
+        if dtype is None:
+            self.dtype = None
+        elif dtype in ("float16", "bfloat16", "float32"):
+            self.dtype = getattr(mx, dtype)
+        else:
+            raise ValueError(f"cache dtype must be float16, bfloat16 or float32, got {dtype!r}")
+
+    def _set_arrays(self, arrays):
+        keys, key_norms, values, value_norms = (
+            None if a is None or (isinstance(a, mx.array) and a.size == 0) else a for a in arrays
+        )
+        self.keys, self.key_norms, self.values, self.value_norms = keys, key_norms, values, value_norms
+        if not USES_META_STATE or self.k_dim is not None:
+            self._validate()
+
+    def _validate(self):
+        """Check the arrays against the scalars, so a corrupt file fails here with a
+        clear message instead of deep inside attention."""
+        if self.values is None:
+            if self.offset != 0 or self.keys is not None:
+                raise ValueError("TurboQuantKVCache state has no values but claims tokens")
+            return
+        if self.k_dim is None or self.v_dim is None or self.dtype is None:
+            raise ValueError("TurboQuantKVCache state has arrays but no head dims / dtype")
+        B, H, T = self.values.shape[:3]
+        if self.offset > T:
+            raise ValueError(f"offset {self.offset} is beyond the {T} tokens stored")
+        expected = {"values": ((B, H, T, self.value_codec.words), mx.uint32),
+                    "value_norms": ((B, H, T), mx.float16)}  # fmt: skip
+        if self.scheme.key_bits == 0:
+            expected["keys"] = ((B, H, T, self.k_dim), self.dtype)
+        else:
+            expected["keys"] = ((B, H, T, self.key_codec.words), mx.uint32)
+            expected["key_norms"] = ((B, H, T), mx.float16)
+        for name, (shape, dtype) in expected.items():
+            a = getattr(self, name)
+            if not isinstance(a, mx.array):
+                raise ValueError(f"TurboQuantKVCache {name} is missing or not an array")
+            if tuple(a.shape) != shape or a.dtype != dtype:
+                raise ValueError(
+                    f"TurboQuantKVCache {name} has shape {tuple(a.shape)} and dtype {a.dtype}; "
+                    f"scheme {self.scheme.name} with D_k={self.k_dim}, D_v={self.v_dim} "
+                    f"needs {shape} {dtype}"
+                )
+        if self.scheme.key_bits == 0 and self.key_norms is not None:
+            raise ValueError("fp16-key TurboQuantKVCache state must not carry key norms")
+
+    @classmethod
+    def from_state(cls, state, meta_state=None):
+        obj = cls.__new__(cls)
+        obj.keys = obj.key_norms = obj.values = obj.value_norms = None
+        if meta_state is not None:
+            obj.meta_state = meta_state
+        obj.state = state
+        return obj

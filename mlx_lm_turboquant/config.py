@@ -1,0 +1,172 @@
+"""Schemes as data: parsing "turbo4" / "turbo4v2" / "turbo0v4", and layer specs.
+
+Every bad input raises ``ValueError`` naming what was given and what is allowed.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+KEY_BITS = (0, 2, 3, 4, 8)  # 0: keys stay in the model's float dtype
+VALUE_BITS = (2, 3, 4)
+SYMMETRIC_BITS = (2, 3, 4)
+
+SCHEME_FORMS = (
+    "turbo{B} with B in {2, 3, 4} (keys and values at B bits)",
+    "turbo{K}v{V} with K in {0, 2, 3, 4, 8} (0 = fp16 keys) and V in {2, 3, 4}",
+)
+_NAME = re.compile(r"^turbo(\d+)(?:v(\d+))?$")
+
+
+@dataclass(frozen=True)
+class KVScheme:
+    """What a TurboQuant cache stores for one layer.
+
+    Attributes:
+        name: the scheme's name, e.g. ``"turbo4"``.
+        key_bits: bits per key coordinate; 0 keeps keys uncompressed.
+        value_bits: bits per value coordinate.
+        norm_correction: rescale stored norms so decoded vectors keep their length.
+        seed: base seed; each layer and each of K / V derive their own rotation from it.
+    """
+
+    name: str
+    key_bits: int
+    value_bits: int
+    norm_correction: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.key_bits not in KEY_BITS:
+            raise ValueError(f"key_bits must be one of {KEY_BITS}, got {self.key_bits!r}")
+        if self.value_bits not in VALUE_BITS:
+            raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {self.value_bits!r}")
+
+    def bytes_per_token(self, n_kv_heads: int, k_dim: int, v_dim: Optional[int] = None) -> int:
+        """Bytes one token costs in one layer (norms included, fp16 keys at 2 bytes)."""
+        from .codec.packing import packed_words
+
+        v_dim = k_dim if v_dim is None else v_dim
+        if self.key_bits == 0:
+            k = 2 * k_dim
+        else:
+            k = 4 * packed_words(k_dim, self.key_bits) + 2
+        v = 4 * packed_words(v_dim, self.value_bits) + 2
+        return n_kv_heads * (k + v)
+
+
+def parse_scheme(name) -> KVScheme:
+    """``"turbo4"`` -> ``KVScheme(key_bits=4, value_bits=4)``; ``"turbo0v4"`` -> fp16 keys."""
+    if isinstance(name, KVScheme):
+        return name
+    if not isinstance(name, str):
+        raise ValueError(f"a KV scheme is a name such as 'turbo4', got {name!r}")
+    m = _NAME.match(name.strip().lower())
+    if m is not None:
+        k, v = int(m.group(1)), m.group(2)
+        if v is None and k in SYMMETRIC_BITS:
+            return KVScheme(name=f"turbo{k}", key_bits=k, value_bits=k)
+        if v is not None and k in KEY_BITS and int(v) in VALUE_BITS:
+            return KVScheme(name=f"turbo{k}v{int(v)}", key_bits=k, value_bits=int(v))
+    raise ValueError(f"unknown KV scheme {name!r}; valid forms: " + "; ".join(SCHEME_FORMS))
+
+
+def builtin_scheme_names() -> list:
+    names = [f"turbo{b}" for b in SYMMETRIC_BITS]
+    names += [f"turbo{k}v{v}" for k in KEY_BITS for v in VALUE_BITS if not (k == v)]
+    return names
+
+
+_RANGE = re.compile(r"^(-?\d+)-(-?\d+)$")
+
+
+def parse_layer_spec(spec, num_layers: int) -> list:
+    """Which of ``num_layers`` attention layers to compress, as a sorted index list.
+
+    Accepted: ``None`` / ``"all"``; ``"none"``; a Python slice ``"2:-2"``, ``"::2"``;
+    comma lists of indices and inclusive ranges ``"0,3-7"`` (negative indices count
+    from the end); exclusions prefixed with ``!`` or ``^``: ``"all,!0,!-1"``; or a
+    sequence of ints.
+    """
+    if not isinstance(num_layers, int) or num_layers < 0:
+        raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
+    if spec is None:
+        return list(range(num_layers))
+    if isinstance(spec, (list, tuple, range)):
+        return sorted({_index(i, num_layers, spec) for i in spec})
+    if not isinstance(spec, str):
+        raise ValueError(f"a layer spec is a string such as '2:-2' or '0,3-7', got {spec!r}")
+    text = spec.replace(" ", "")
+    if text == "":
+        raise ValueError(f"empty layer spec {spec!r}; {_LAYER_HELP}")
+    chosen, excluded, any_include = set(), set(), False
+    for part in text.split(","):
+        negate = part[:1] in ("!", "^")
+        body = part[1:] if negate else part
+        layers = _parse_part(body, num_layers, spec)
+        if negate:
+            excluded |= layers
+        else:
+            any_include = True
+            chosen |= layers
+    if not any_include:  # "!0,!-1" means all but those
+        chosen = set(range(num_layers))
+    return sorted(chosen - excluded)
+
+
+_LAYER_HELP = (
+    "allowed: 'all', 'none', a slice like '2:-2', indices and ranges like '0,3-7' "
+    "(negative indices count from the end), exclusions like 'all,!0,!-1'"
+)
+
+
+def _index(i, num_layers, spec):
+    if isinstance(i, bool) or not isinstance(i, int):
+        raise ValueError(f"layer index {i!r} in {spec!r} is not an int; {_LAYER_HELP}")
+    j = i + num_layers if i < 0 else i
+    if not 0 <= j < num_layers:
+        raise ValueError(
+            f"layer {i} in spec {spec!r} is out of range for {num_layers} attention layers"
+        )
+    return j
+
+
+def _int(text, spec):
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} in layer spec {spec!r}; {_LAYER_HELP}") from None
+
+
+def _parse_part(body, num_layers, spec) -> set:
+    if body == "all":
+        return set(range(num_layers))
+    if body == "none":
+        return set()
+    if ":" in body:
+        fields = body.split(":")
+        if len(fields) > 3:
+            raise ValueError(f"bad slice {body!r} in layer spec {spec!r}; {_LAYER_HELP}")
+        start, stop, step = (
+            [None if f == "" else _int(f, spec) for f in fields] + [None, None]
+        )[:3]
+        if step == 0:
+            raise ValueError(f"slice step cannot be zero in layer spec {spec!r}")
+        return set(range(num_layers)[slice(start, stop, step)])
+    m = _RANGE.match(body)
+    if m is not None:
+        lo = _index(int(m.group(1)), num_layers, spec)
+        hi = _index(int(m.group(2)), num_layers, spec)
+        if lo > hi:
+            raise ValueError(f"range {body!r} in layer spec {spec!r} runs backwards")
+        return set(range(lo, hi + 1))
+    return {_index(_int(body, spec), num_layers, spec)}
+
+
+def resolve_layers(spec: Optional[str], num_layers: int, default: Optional[str] = None) -> Sequence[int]:
+    """Layer indices from ``spec``, else ``$MLX_TQ_LAYERS``, else ``default``."""
+    import os
+
+    if spec is None:
+        spec = os.environ.get("MLX_TQ_LAYERS") or default
+    return parse_layer_spec(spec, num_layers)

@@ -1,0 +1,87 @@
+"""Teacher-forced comparison of a compressed cache against the uncompressed one.
+
+Both runs see the same tokens: a prefill of ``prefill`` tokens, then ``steps`` single
+tokens fed one at a time (each step's input is the true next token, not the model's
+guess), so the two runs' logits can be compared step by step.
+"""
+
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import cache as mlx_cache
+
+from ..api import make_prompt_cache
+
+
+@dataclass
+class KLResult:
+    scheme: str
+    layers: str
+    prefill: int
+    steps: int
+    kl_mean: float
+    kl_median: float
+    kl_p99: float
+    top1_agreement: float
+    ppl_reference: float
+    ppl_compressed: float
+    kv_bytes: int
+    kv_bytes_reference: int
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _step_logprobs(model, ids, cache, prefill, steps, prefill_step=2048):
+    """Log-probabilities ``[steps, vocab]`` of the decode steps (float32)."""
+    tokens = mx.array(ids[None, : prefill + steps])
+    for start in range(0, prefill, prefill_step):
+        model(tokens[:, start : min(prefill, start + prefill_step)], cache=cache)
+        mx.eval([c.state for c in cache])
+    out = []
+    for t in range(prefill, prefill + steps):
+        logits = model(tokens[:, t : t + 1], cache=cache)[0, -1].astype(mx.float32)
+        out.append(logits - mx.logsumexp(logits))
+        if len(out) % 32 == 0:
+            mx.eval(out)
+    return mx.stack(out)
+
+
+def kv_bytes(cache) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256) -> KLResult:
+    """KL(reference || compressed) per decode step, top-1 agreement and perplexities.
+
+    Args:
+        ids: 1-D int array with at least ``prefill + steps + 1`` tokens.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or len(ids) < prefill + steps + 1:
+        raise ValueError(f"need a 1-D array of at least {prefill + steps + 1} ids, got {ids.shape}")
+    ref_cache = mlx_cache.make_prompt_cache(model)
+    ref = _step_logprobs(model, ids, ref_cache, prefill, steps)
+    tq_cache = make_prompt_cache(model, scheme, layers=layers)
+    tq = _step_logprobs(model, ids, tq_cache, prefill, steps)
+    kl = (mx.exp(ref) * (ref - tq)).sum(axis=-1)
+    targets = mx.array(ids[prefill + 1 : prefill + steps + 1])
+    nll_ref = -mx.take_along_axis(ref, targets[:, None], axis=-1)
+    nll_tq = -mx.take_along_axis(tq, targets[:, None], axis=-1)
+    agree = (ref.argmax(-1) == tq.argmax(-1)).astype(mx.float32).mean()
+    kl = np.array(kl)
+    return KLResult(
+        scheme=str(getattr(scheme, "name", scheme)),
+        layers=str(layers if layers is not None else "default"),
+        prefill=prefill,
+        steps=steps,
+        kl_mean=float(kl.mean()),
+        kl_median=float(np.median(kl)),
+        kl_p99=float(np.percentile(kl, 99)),
+        top1_agreement=float(agree),
+        ppl_reference=float(mx.exp(nll_ref.mean())),
+        ppl_compressed=float(mx.exp(nll_tq.mean())),
+        kv_bytes=kv_bytes(tq_cache),
+        kv_bytes_reference=kv_bytes(ref_cache),
+    )

@@ -1,0 +1,106 @@
+"""Pure-MLX attention on a TurboQuant cache: the oracle every fused kernel is tested
+against, and the path used on the CPU.
+
+Keys are never rebuilt in the original basis: q.k = (R q).(R k), so the query is
+rotated once and scored against ``norm * centroid`` in the rotated basis. Values are
+weighted in their rotated basis and the output is rotated back once. The tokens are
+walked in blocks with an online softmax (flash-attention style), and queries in
+chunks, so the transient memory is a few blocks, not a float copy of the cache.
+"""
+
+import mlx.core as mx
+
+BLOCK_TOKENS = 1024
+BLOCK_QUERIES = 256
+_NEG = -1e30  # finite, so a fully masked row gives uniform weights instead of NaN
+
+
+def _mask_block(mask, q0, q1, k0, k1, L, T):
+    """The part of ``mask`` for queries [q0, q1) and keys [k0, k1), as
+    ``(bool_or_additive_array_or_None)`` broadcastable to ``[B, Hq, Lc, Tb]``."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        q_pos = mx.arange(T - L + q0, T - L + q1)[:, None]
+        return q_pos >= mx.arange(k0, k1)[None, :]
+    m = mask
+    if m.shape[-2] != 1:
+        m = m[..., q0:q1, :]
+    if m.shape[-1] != 1:
+        m = m[..., k0:k1]
+    return m
+
+
+def _to_grouped(x, n_kv_heads, n_rep):
+    """``[B|1, Hq|1, ...]`` -> ``[B|1, H_kv|1, n_rep|1, ...]`` for broadcasting with GQA."""
+    while x.ndim < 4:
+        x = mx.expand_dims(x, 0)
+    if x.shape[1] == 1:
+        return mx.expand_dims(x, 2)
+    return x.reshape(x.shape[0], n_kv_heads, n_rep, *x.shape[2:])
+
+
+def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
+                   block_tokens=BLOCK_TOKENS, block_queries=BLOCK_QUERIES):  # fmt: skip
+    """Attention of ``queries`` ``[B, H_q, L, D_k]`` over the compressed ``cache``.
+
+    Args:
+        mask: ``None``, ``"causal"`` (the L queries are the last L cached tokens), or an
+            array broadcastable to ``[B, H_q, L, T]``: bool (True = attend) or additive.
+        sinks: optional ``[H_q]`` logits of attention sinks.
+
+    Returns ``[B, H_q, L, D_v]`` in the queries' dtype.
+    """
+    B, n_q_heads, L, _ = queries.shape
+    keys, key_norms, values, value_norms = cache.fetch()
+    n_kv_heads, T = values.shape[1], values.shape[2]
+    if n_q_heads % n_kv_heads:
+        raise ValueError(f"{n_q_heads} query heads cannot share {n_kv_heads} KV heads")
+    n_rep = n_q_heads // n_kv_heads
+    key_codec, value_codec = cache.key_codec, cache.value_codec
+
+    q = queries.astype(mx.float32) * scale
+    if key_codec is not None:
+        q = key_codec.rotation.forward(q)  # once per query, never per key
+    q = q.reshape(B, n_kv_heads, n_rep, L, -1)
+    if sinks is not None:
+        sinks = sinks.astype(mx.float32).reshape(1, n_kv_heads, n_rep, 1, 1)
+    if mask is not None and not isinstance(mask, str):
+        mask = _to_grouped(mask, n_kv_heads, n_rep)
+
+    outputs = []
+    for q0 in range(0, L, block_queries):
+        q1 = min(L, q0 + block_queries)
+        qc = q[..., q0:q1, :]
+        m_run = l_run = acc = None
+        for k0 in range(0, T, block_tokens):
+            k1 = min(T, k0 + block_tokens)
+            if key_codec is None:
+                k = keys[:, :, k0:k1].astype(mx.float32)
+            else:
+                k = key_codec.decode_rotated(keys[:, :, k0:k1], key_norms[:, :, k0:k1])
+            v = value_codec.decode_rotated(values[:, :, k0:k1], value_norms[:, :, k0:k1])
+            s = qc @ mx.expand_dims(k, 2).swapaxes(-1, -2)  # [B, H_kv, n_rep, Lc, Tb]
+            m = _mask_block(mask, q0, q1, k0, k1, L, T)
+            if m is not None:
+                s = mx.where(m, s, _NEG) if m.dtype == mx.bool_ else s + m.astype(s.dtype)
+            s_max = s.max(axis=-1, keepdims=True)
+            m_new = s_max if m_run is None else mx.maximum(m_run, s_max)
+            p = mx.exp(s - m_new)
+            pv = p @ mx.expand_dims(v, 2)
+            if m_run is None:
+                l_run, acc = p.sum(axis=-1, keepdims=True), pv
+            else:
+                alpha = mx.exp(m_run - m_new)
+                l_run = l_run * alpha + p.sum(axis=-1, keepdims=True)
+                acc = acc * alpha + pv
+            m_run = m_new
+        if sinks is not None:
+            m_new = mx.maximum(m_run, sinks)
+            alpha = mx.exp(m_run - m_new)
+            l_run = l_run * alpha + mx.exp(sinks - m_new)
+            acc = acc * alpha
+        outputs.append(acc / l_run)
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=3)
+    out = value_codec.rotation.inverse(out)  # once per output row
+    return out.reshape(B, n_q_heads, L, -1).astype(queries.dtype)
