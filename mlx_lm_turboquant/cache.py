@@ -75,6 +75,16 @@ class TurboQuantKVCache(_BaseCache):
         self.k_dim = self.v_dim = None
         self.dtype = None
 
+    # mx.Dtype cannot be deep-copied (the server's prompt cache deep-copies caches),
+    # so the dtype is kept by name.
+    @property
+    def dtype(self):
+        return None if self._dtype is None else getattr(mx, self._dtype)
+
+    @dtype.setter
+    def dtype(self, value):
+        self._dtype = None if value is None else str(value).split(".")[-1]
+
     # -- codecs -----------------------------------------------------------------
 
     @property
@@ -195,10 +205,9 @@ class TurboQuantKVCache(_BaseCache):
 
     def _scalars(self):
         s = self.scheme
-        dtype = None if self.dtype is None else str(self.dtype).split(".")[-1]
         return (
             s.name, s.key_bits, s.value_bits, s.norm_correction, s.seed,
-            self.layer_index, self.offset, self.k_dim, self.v_dim, dtype,
+            self.layer_index, self.offset, self.k_dim, self.v_dim, self._dtype,
         )  # fmt: skip
 
     @property
@@ -305,6 +314,7 @@ class TurboQuantKVCache(_BaseCache):
     def from_state(cls, state, meta_state=None):
         obj = cls.__new__(cls)
         obj.keys = obj.key_norms = obj.values = obj.value_norms = None
+        obj._dtype = None
         if meta_state is not None:
             obj.meta_state = meta_state
         obj.state = state

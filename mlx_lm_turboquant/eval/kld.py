@@ -49,7 +49,15 @@ def _step_logprobs(model, ids, cache, prefill, steps, prefill_step=2048):
 
 
 def kv_bytes(cache) -> int:
-    return sum(c.nbytes for c in cache)
+    """Bytes the cache holds, with uncompressed layers counted at 2 bytes per element
+    (as an fp16 model would hold them, whatever dtype this run used)."""
+    total = 0
+    for c in cache:
+        if isinstance(c, mlx_cache.KVCache) and not c.empty():
+            total += c.nbytes * 2 // c.keys.dtype.size
+        else:
+            total += c.nbytes
+    return total
 
 
 def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256) -> KLResult:

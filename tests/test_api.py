@@ -1,0 +1,94 @@
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models import llama
+
+import mlx_lm_turboquant as tq
+from mlx_lm_turboquant import TurboQuantKVCache, make_prompt_cache
+
+
+def _tiny_llama(layer_types=None, n_layers=4):
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=64, num_hidden_layers=n_layers, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+        vocab_size=97, layer_types=layer_types, sliding_window=8 if layer_types else None,
+    )  # fmt: skip
+    mx.random.seed(0)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_every_layer_by_default(monkeypatch):
+    monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
+    cache = make_prompt_cache(_tiny_llama(), "turbo3")
+    assert [type(c) for c in cache] == [TurboQuantKVCache] * 4
+    assert [c.layer_index for c in cache] == [0, 1, 2, 3]
+    assert all(c.scheme.name == "turbo3" for c in cache)
+
+
+def test_layer_spec_and_env(monkeypatch):
+    model = _tiny_llama()
+    kinds = lambda cache: [type(c).__name__[0] for c in cache]  # noqa: E731
+    assert kinds(make_prompt_cache(model, layers="1:-1")) == list("KTTK")
+    monkeypatch.setenv("MLX_TQ_LAYERS", "0")
+    assert kinds(make_prompt_cache(model)) == list("TKKK")
+    assert kinds(make_prompt_cache(model, layers="all")) == list("TTTT")
+    with pytest.raises(ValueError, match="out of range"):
+        make_prompt_cache(model, layers="4")
+    with pytest.raises(ValueError, match="unknown KV scheme"):
+        make_prompt_cache(model, "turbo9")
+
+
+def test_other_cache_types_are_left_alone():
+    model = _tiny_llama(["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    cache = make_prompt_cache(model, "turbo4")
+    assert [type(c).__name__ for c in cache] == [
+        "RotatingKVCache", "TurboQuantKVCache", "RotatingKVCache", "TurboQuantKVCache",
+    ]  # fmt: skip
+    # Layer specs count full-attention layers only: "-1" is the last of those.
+    cache = make_prompt_cache(model, "turbo4", layers="-1")
+    assert [type(c).__name__ for c in cache][1:] == ["KVCache", "RotatingKVCache", "TurboQuantKVCache"]
+
+
+@pytest.mark.parametrize("layer_types", [None, ["sliding_attention", "full_attention"] * 2])
+def test_generation_on_a_random_model(patched, layer_types):
+    model = _tiny_llama(layer_types)
+    prompt = mx.array([1, 5, 9, 13, 2, 7, 3, 11, 4, 6, 8, 10])
+    cache = make_prompt_cache(model, "turbo4")
+    steps = generate_step(prompt, model, prompt_cache=cache, prefill_step_size=5)
+    tokens = [t for t, _ in itertools.islice(steps, 12)]
+    assert len(tokens) == 12
+    tq_layers = [c for c in cache if isinstance(c, TurboQuantKVCache)]
+    # generate_step computes one token ahead of what it has yielded.
+    assert tq_layers and all(c.offset == len(prompt) + 12 for c in tq_layers)
+
+
+def test_schemes_listing():
+    assert "turbo4" in tq.schemes() and "turbo0v4" in tq.schemes()
+
+
+def test_dispatcher_patch_is_idempotent_and_reversible():
+    from mlx_lm.models import base
+
+    tq.deactivate()
+    original = base.scaled_dot_product_attention
+    assert llama.scaled_dot_product_attention is original
+    tq.activate()
+    tq.activate()
+    patched_fn = base.scaled_dot_product_attention
+    assert patched_fn is not original and patched_fn.__wrapped__ is original
+    assert llama.scaled_dot_product_attention is patched_fn  # the copy in the model module
+    tq.deactivate()
+    assert base.scaled_dot_product_attention is original is llama.scaled_dot_product_attention
+    tq.activate()
+    # Plain caches still go to mlx's own attention.
+    q = mx.random.normal((1, 2, 1, 8))
+    k = v = mx.random.normal((1, 2, 4, 8))
+    out = base.scaled_dot_product_attention(q, k, v, cache=mlx_cache.KVCache(), scale=1.0, mask=None)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=None)
+    np.testing.assert_allclose(np.array(out), np.array(ref), atol=1e-6)
