@@ -1,5 +1,7 @@
 """TurboQuant KV-cache compression for mlx-lm (arXiv 2504.19874)."""
 
+# The registry subpackage loads first: afterwards the name `schemes` is the function.
+from . import schemes as _scheme_registry  # noqa: F401  isort: skip
 from .api import make_prompt_cache, schemes
 from .attention import turboquant_sdpa
 from .cache import TurboQuantKVCache

@@ -1,11 +1,12 @@
 """Python API: ``make_prompt_cache`` and ``schemes``."""
 
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 from mlx_lm.models import cache as mlx_cache
 
 from .cache import TurboQuantKVCache
-from .config import builtin_scheme_names, parse_scheme, resolve_layers
+from .config import KVScheme, resolve_layers
 
 # Chosen from the layer study in docs/evaluation.md: on tq-llama-8k compressing
 # every layer met the quality floor, and the boundary layers bought little.
@@ -22,8 +23,17 @@ OWN_ATTENTION_MODELS = frozenset("gemma2 olmo plamo2 deepseek_v41".split())
 
 
 def schemes() -> List[str]:
-    """Names of the available KV schemes."""
-    return builtin_scheme_names()
+    """Names of the available KV schemes (built-in and registered by plugins)."""
+    from .schemes import scheme_names
+
+    return scheme_names()
+
+
+def get_scheme(scheme):
+    """A registered scheme by name, as ``SchemeInfo`` (scheme, default layers, ...)."""
+    from .schemes import get_scheme as lookup
+
+    return lookup(scheme)
 
 
 def model_family(model) -> str:
@@ -45,6 +55,65 @@ def eligible_layers(cache: list) -> List[int]:
     return [i for i, c in enumerate(cache) if type(c) is mlx_cache.KVCache]
 
 
+@dataclass
+class CachePlan:
+    """What :func:`compress_cache` did to one model's cache, for the report.
+
+    ``kept`` maps a reason to the cache positions left as the model made them.
+    """
+
+    scheme: KVScheme
+    n_layers: int
+    layers_spec: Optional[str] = None
+    compressed: List[int] = field(default_factory=list)
+    kept: Dict[str, List[int]] = field(default_factory=dict)
+    unsupported: Optional[str] = None
+
+
+def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> CachePlan:
+    """Replace, in place, the chosen plain ``KVCache`` entries of ``cache`` by
+    TurboQuant caches; returns what was done and why the other layers were kept.
+
+    ``layers`` defaults to ``$MLX_TQ_LAYERS``, then the scheme's registered default,
+    then ``DEFAULT_LAYERS``.
+    """
+    info = get_scheme(scheme)
+    plan = CachePlan(info.scheme, len(cache))
+    plan.unsupported = unsupported_reason(model)
+    if plan.unsupported is not None:
+        plan.kept[plan.unsupported] = list(range(len(cache)))
+        return plan
+    positions = eligible_layers(cache)
+    for i, c in enumerate(cache):
+        if i not in positions:
+            plan.kept.setdefault(type(c).__name__, []).append(i)
+    plan.layers_spec = _layer_spec(layers, info.layers)
+    chosen = resolve_layers(layers, len(positions), info.layers or DEFAULT_LAYERS)
+    for k in chosen:
+        i = positions[k]
+        cache[i] = TurboQuantKVCache(info.scheme, layer_index=i)
+        plan.compressed.append(i)
+    skipped = [positions[k] for k in range(len(positions)) if k not in set(chosen)]
+    if skipped:
+        plan.kept["layer spec"] = skipped
+    return plan
+
+
+def _layer_spec(layers, scheme_default):
+    import os
+
+    if layers is not None:
+        return str(layers)
+    return os.environ.get("MLX_TQ_LAYERS") or scheme_default or DEFAULT_LAYERS
+
+
+def base_make_prompt_cache(model, max_kv_size: Optional[int] = None) -> list:
+    """mlx-lm's own ``make_prompt_cache``, even while the integration patches it."""
+    make = mlx_cache.make_prompt_cache
+    make = getattr(make, "_tq_original", make)
+    return make(model, max_kv_size=max_kv_size)
+
+
 def make_prompt_cache(
     model, scheme="turbo4", layers: Optional[str] = None, max_kv_size: Optional[int] = None
 ) -> list:
@@ -55,19 +124,13 @@ def make_prompt_cache(
         scheme: scheme name (see :func:`schemes`) or a ``KVScheme``.
         layers: which full-attention layers to compress, counted among those layers
             only (``"all"``, ``"2:-2"``, ``"0,3-7"``, ...); default ``$MLX_TQ_LAYERS``,
-            else ``DEFAULT_LAYERS``.
+            else the scheme's registered default, else ``DEFAULT_LAYERS``.
         max_kv_size: passed to mlx-lm's ``make_prompt_cache`` (a bounded cache is a
             ``RotatingKVCache``, which is left uncompressed).
 
     Layers that are not plain full-attention ``KVCache`` layers (sliding window,
     state-space, latent caches) are left as the model made them.
     """
-    scheme = parse_scheme(scheme)
-    cache = mlx_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
-    if unsupported_reason(model) is not None:
-        return cache
-    positions = eligible_layers(cache)
-    for k in resolve_layers(layers, len(positions), DEFAULT_LAYERS):
-        i = positions[k]
-        cache[i] = TurboQuantKVCache(scheme, layer_index=i)
+    cache = base_make_prompt_cache(model, max_kv_size=max_kv_size)
+    compress_cache(model, cache, scheme, layers)
     return cache

@@ -13,11 +13,17 @@ import numpy as np
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from .codec import get_codec
+from .codec.packing import packed_words
 from .config import KVScheme, parse_scheme
 
 # mlx-lm <= 0.32.0 keeps scalars in `meta_state` (strings) and calls
 # `from_state(state, meta_state)`; 0.32.2 stores Python scalars inside `state`.
 USES_META_STATE = hasattr(_BaseCache, "meta_state")
+
+# Bounds on what a loaded prompt-cache file may claim, checked before any codec is
+# built from it (a codec for dimension D holds a D x D rotation).
+MAX_HEAD_DIM = 4096
+MAX_NAME = 64
 
 _STATE_FIELDS = (
     "scheme", "key_bits", "value_bits", "norm_correction", "seed",
@@ -254,13 +260,29 @@ class TurboQuantKVCache(_BaseCache):
 
     def _set_scalars(self, values):
         name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = values
-        scheme = parse_scheme(name)
-        if (scheme.key_bits, scheme.value_bits) != (kb, vb):
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+            raise ValueError(f"scheme name must be a string of 1 to {MAX_NAME} characters")
+        for field, x in (("key_bits", kb), ("value_bits", vb), ("seed", seed)):
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ValueError(f"{field} must be an int, got {x!r}")
+        if nc not in (True, False):  # 0 / 1 after a round trip through an array
+            raise ValueError(f"norm_correction must be a bool, got {nc!r}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        try:  # built-in names must agree with their bits; plugin names carry them
+            scheme = parse_scheme(name)
+        except ValueError:
+            scheme = None
+        if scheme is not None and (scheme.key_bits, scheme.value_bits) != (kb, vb):
             raise ValueError(f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}")
-        self.scheme = KVScheme(scheme.name, kb, vb, bool(nc), int(seed))
+        self.scheme = KVScheme(name, kb, vb, bool(nc), seed)
         for field, x in (("layer_index", layer), ("offset", offset)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{field} must be a non-negative int, got {x!r}")
+        for field, x in (("k_dim", k_dim), ("v_dim", v_dim)):
+            if x is not None and (isinstance(x, bool) or not isinstance(x, int)
+                                  or not 0 < x <= MAX_HEAD_DIM):  # fmt: skip
+                raise ValueError(f"{field} must be an int in [1, {MAX_HEAD_DIM}], got {x!r}")
         self.layer_index, self.offset = layer, offset
         self.k_dim, self.v_dim = k_dim, v_dim
         if dtype is None:
@@ -287,15 +309,19 @@ class TurboQuantKVCache(_BaseCache):
             return
         if self.k_dim is None or self.v_dim is None or self.dtype is None:
             raise ValueError("TurboQuantKVCache state has arrays but no head dims / dtype")
+        if not isinstance(self.values, mx.array) or self.values.ndim != 4:
+            raise ValueError("TurboQuantKVCache values must be a [B, H_kv, T, words] array")
         B, H, T = self.values.shape[:3]
         if self.offset > T:
             raise ValueError(f"offset {self.offset} is beyond the {T} tokens stored")
-        expected = {"values": ((B, H, T, self.value_codec.words), mx.uint32),
+        # Word counts from the dims alone: no codec is built from unchecked data.
+        expected = {"values": ((B, H, T, packed_words(self.v_dim, self.scheme.value_bits)), mx.uint32),
                     "value_norms": ((B, H, T), mx.float16)}  # fmt: skip
         if self.scheme.key_bits == 0:
             expected["keys"] = ((B, H, T, self.k_dim), self.dtype)
         else:
-            expected["keys"] = ((B, H, T, self.key_codec.words), mx.uint32)
+            words = packed_words(self.k_dim, self.scheme.key_bits)
+            expected["keys"] = ((B, H, T, words), mx.uint32)
             expected["key_norms"] = ((B, H, T), mx.float16)
         for name, (shape, dtype) in expected.items():
             a = getattr(self, name)
