@@ -1,0 +1,5 @@
+def register_model(*names):
+    def wrap(cls):
+        return cls
+
+    return wrap
