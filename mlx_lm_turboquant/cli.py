@@ -54,17 +54,18 @@ def _site_files():
 
 
 def _kernels_line() -> str:
+    """Which fused kernels would run here (the kernel registry's own view)."""
     try:
         kernels = importlib.import_module("mlx_lm_turboquant.kernels")
-    except Exception as e:
-        return f"cannot import kernels: {e}"
-    describe = getattr(kernels, "describe", None) or getattr(kernels, "available", None)
-    if callable(describe):
-        try:
-            return str(describe())
-        except Exception as e:
-            return f"kernel registry failed: {type(e).__name__}: {e}"
-    return "reference (pure MLX) only"
+        backend = kernels.active_backend()
+        ops = ", ".join(
+            f"{op} {'fused' if kernels.get_op(op) is not None else 'pure MLX'}"
+            for op in kernels.OPS
+        )
+        name = getattr(backend, "NAME", None) or "none (pure-MLX reference path)"
+        return f"{kernels.ENV}={kernels.choice()}; backend kernels: {name}; {ops}"
+    except Exception as e:  # the registry is optional for this report
+        return f"kernel registry unavailable ({type(e).__name__}: {e}); pure-MLX reference path"
 
 
 @command("doctor", help="versions, bootstrap and patch status, backend, kernels, schemes")
