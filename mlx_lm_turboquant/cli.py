@@ -70,7 +70,9 @@ def _kernels_line() -> str:
 
 @command("doctor", help="versions, bootstrap and patch status, backend, kernels, schemes")
 def _doctor(parser):
-    parser.add_argument("--strict", action="store_true", help="exit 1 unless every core patch is active")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 unless every core patch is active"
+    )
 
     def run(args) -> int:
         from .integration import bootstrap
@@ -80,8 +82,14 @@ def _doctor(parser):
                  f"(package at {os.path.dirname(os.path.abspath(__file__))})"]  # fmt: skip
         lines.append(f"python {sys.version.split()[0]} ({sys.executable})")
         lines.append(
-            "mlx " + _version("mlx") + ", mlx-lm " + _version("mlx-lm") + ", pluggy "
-            + _version("pluggy") + ", wrapt " + _version("wrapt")
+            "mlx "
+            + _version("mlx")
+            + ", mlx-lm "
+            + _version("mlx-lm")
+            + ", pluggy "
+            + _version("pluggy")
+            + ", wrapt "
+            + _version("wrapt")
         )
         import mlx.core as mx
 
@@ -92,7 +100,9 @@ def _doctor(parser):
             backends.append(f"{name} {'yes' if ok else 'no'}")
         lines.append(f"backend: default device {mx.default_device()}; " + ", ".join(backends))
         files = _site_files()
-        lines.append("bootstrap files: " + (", ".join(files) if files else "none found in site-packages"))
+        lines.append(
+            "bootstrap files: " + (", ".join(files) if files else "none found in site-packages")
+        )
         if boot["disabled"]:
             lines.append("bootstrap: disabled by MLX_TQ_DISABLE=1")
         elif boot["booted"]:
@@ -110,8 +120,12 @@ def _doctor(parser):
 
         status = integration.installed()
         core = {k: status[k] for k in integration.CORE_SEAMS}
-        lines.append("core patches: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in core.items()))
-        lines.append("command patches apply when a command runs: " + ", ".join(integration.COMMAND_SEAMS))
+        lines.append(
+            "core patches: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in core.items())
+        )
+        lines.append(
+            "command patches apply when a command runs: " + ", ".join(integration.COMMAND_SEAMS)
+        )
         lines.append(f"kernels: {_kernels_line()}")
         from .schemes import available
 
@@ -120,7 +134,13 @@ def _doctor(parser):
             by_plugin.setdefault(info.plugin, []).append(info.scheme.name)
         for plugin, names in by_plugin.items():
             lines.append(f"schemes ({plugin}): {', '.join(names)}")
-        for var in ("MLX_TQ_DISABLE", "MLX_TQ_SCHEME", "MLX_TQ_LAYERS", "MLX_TQ_QUIET", "MLX_TQ_NO_PLUGINS"):
+        for var in (
+            "MLX_TQ_DISABLE",
+            "MLX_TQ_SCHEME",
+            "MLX_TQ_LAYERS",
+            "MLX_TQ_QUIET",
+            "MLX_TQ_NO_PLUGINS",
+        ):
             if var in os.environ:
                 lines.append(f"env {var}={os.environ[var]}")
         print("\n".join(lines))

@@ -73,7 +73,9 @@ def run(cmd, timeout=300, **kwargs):
 
 def _check(result, what):
     if result.returncode != 0:
-        raise RuntimeError(f"{what} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise RuntimeError(
+            f"{what} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 

@@ -26,44 +26,38 @@ def python(code, **env):
 
 
 def test_boot_imports_only_the_standard_library():
-    out = python(
-        """
+    out = python("""
         before = set(sys.modules)
         boot.boot()
         new = set(sys.modules) - before
         print(sorted(m for m in new if m.split('.')[0] not in sys.stdlib_module_names))
         print(type(sys.meta_path[0]).__name__)
-        """
-    )
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "TurboQuantImportFinder"]
 
 
 def test_boot_runs_once_even_when_the_pth_line_runs_twice():
     line = (ROOT / "bootstrap" / "mlx_lm_turboquant.pth").read_text().strip()
-    out = python(
-        f"""
+    out = python(f"""
         exec({line!r}); exec({line!r})
         from mlx_lm_turboquant.integration import bootstrap as package_copy
         package_copy.boot(); package_copy.install_finder()
         print(sum(getattr(f, "_mlx_lm_turboquant", False) for f in sys.meta_path))
         import mlx_lm
         print(boot.status()["fired"].count("mlx_lm"), boot.status()["errors"])
-        """
-    )
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["1", "1 []"]
 
 
 def test_start_file_names_the_same_entry_point():
     entry = (ROOT / "bootstrap" / "mlx_lm_turboquant.start").read_text().strip()
-    out = python(
-        f"""
+    out = python(f"""
         import pkgutil
         pkgutil.resolve_name({entry!r})()
         print(boot.status()["booted"], boot.status()["finder_installed"])
-        """
-    )
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "True True"
 
@@ -84,8 +78,7 @@ def test_kill_switch():
 
 
 def test_hooks_patch_mlx_lm_and_its_copies_on_import():
-    out = python(
-        """
+    out = python("""
         boot.boot()
         import mlx_lm, mlx_lm.generate
         gen = sys.modules["mlx_lm.generate"]
@@ -97,8 +90,7 @@ def test_hooks_patch_mlx_lm_and_its_copies_on_import():
         print(type(mlx_lm.__spec__.loader).__name__, type(mlx_lm.__loader__).__name__)
         import mlx_lm.chat
         print(hasattr(mlx_lm.chat.setup_arg_parser, "_tq_original"))
-        """
-    )
+        """)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert lines[:3] == ["True True", "True", "True True"]
@@ -107,14 +99,12 @@ def test_hooks_patch_mlx_lm_and_its_copies_on_import():
 
 
 def test_a_failing_hook_never_breaks_the_import():
-    out = python(
-        """
+    out = python("""
         boot.HANDLER = "no_such_module_for_tq_tests"
         boot.boot()
         import mlx_lm
         print("imported", len(boot.status()["errors"]) > 0)
-        """
-    )
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "imported True"
     assert "[mlx-lm-turboquant] could not patch mlx_lm" in out.stderr
@@ -122,13 +112,11 @@ def test_a_failing_hook_never_breaks_the_import():
 
 
 def test_boot_after_mlx_lm_was_imported_patches_at_once():
-    out = python(
-        """
+    out = python("""
         import mlx_lm
         boot.boot()
         from mlx_lm.models import cache
         print(hasattr(cache.make_prompt_cache, "_tq_original"))
-        """
-    )
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "True"

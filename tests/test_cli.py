@@ -74,7 +74,9 @@ def test_generate_reports_and_generates(tq_python):
 
 
 def test_turbo0v4_matches_plain_greedy_text(tq_python):
-    tq = mlx_lm(tq_python, "generate", *gen_args("--kv-scheme", "turbo0v4", "--kv-layers", "all", tokens=32))
+    tq = mlx_lm(
+        tq_python, "generate", *gen_args("--kv-scheme", "turbo0v4", "--kv-layers", "all", tokens=32)
+    )
     plain = mlx_lm(tq_python, "generate", *gen_args(tokens=32))
     text = lambda out: out.stdout.split("==========")[1]  # noqa: E731
     assert tq.returncode == 0 and plain.returncode == 0
@@ -91,6 +93,22 @@ def test_env_var_and_the_mlx_lm_dispatcher(tq_python):
     # The flag wins over the environment; "none" means mlx-lm's plain cache.
     out = mlx_lm(tq_python, "generate", *gen_args("--kv-scheme", "none", tokens=4), env=env)
     assert out.returncode == 0 and "mlx-lm-turboquant" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["mlx_lm.generate"],
+        ["mlx_lm", "generate"],
+        ["-m", "mlx_lm", "generate"],
+        ["-m", "mlx_lm.generate"],
+    ],
+)
+def test_every_entry_point_gains_the_flag(tq_python, entry):
+    cmd = [script(entry[0]), *entry[1:]] if entry[0] != "-m" else entry
+    out = run([tq_python, *cmd, *gen_args("--kv-scheme", "turbo2", tokens=3)])
+    assert out.returncode == 0, out.stderr
+    assert "turbo2 (--kv-scheme) on" in out.stderr and "Generation: 3 tokens" in out.stdout
 
 
 def test_quiet_silences_the_report(tq_python):
@@ -127,7 +145,9 @@ def test_cache_prompt_then_generate_from_the_file(tq_python, tmp_path):
                  "--kv-layers", "all")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "turbo3 (--kv-scheme) on 6/6 layers" in out.stderr
-    meta = run([tq_python, "-c", f"import mlx.core as mx; print(mx.load('{f}', return_metadata=True)[1])"])
+    meta = run(
+        [tq_python, "-c", f"import mlx.core as mx; print(mx.load('{f}', return_metadata=True)[1])"]
+    )
     assert "'0.kv_scheme': 'turbo3'" in meta.stdout and "TurboQuantKVCache" in meta.stdout
 
     follow = ("--prompt-cache-file", f, "--prompt", " a king", "--max-tokens", "6")
@@ -149,7 +169,9 @@ def test_plain_prompt_file_with_a_scheme_is_an_error(tq_python, tmp_path):
     out = mlx_lm(tq_python, "cache_prompt", "--model", TEST_MODEL, "--prompt", "Hello there",
                  "--prompt-cache-file", f)  # fmt: skip
     assert out.returncode == 0 and "mlx-lm-turboquant" not in out.stderr
-    out = mlx_lm(tq_python, "generate", "--prompt-cache-file", f, "--prompt", " x", "--kv-scheme", "turbo4")
+    out = mlx_lm(
+        tq_python, "generate", "--prompt-cache-file", f, "--prompt", " x", "--kv-scheme", "turbo4"
+    )
     assert out.returncode != 0 and "was written without a KV scheme" in out.stderr
 
 
@@ -248,6 +270,11 @@ def test_perplexity_runs_through_the_cache(tq_python, tmp_path):
     assert "Evaluating through a turbo2 KV cache, 16 tokens per step" in out.stdout
     assert len(REPORT.findall(out.stderr)) == 1  # one report per run, not per batch
     assert turbo != plain  # the scheme changes what the model sees
+    # The deprecated `python -m mlx_lm.perplexity` runs a second copy of the module.
+    out = run([tq_python, "-m", "mlx_lm.perplexity", *args, "--kv-scheme", "turbo2",
+               "--kv-chunk-size", "16"], env=_with_stubs())  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"Perplexity: {turbo:.3f}" in out.stdout
 
 
 def test_evaluate_gains_the_flag(tq_python):

@@ -10,7 +10,7 @@ from test_prompt_cache_files import tiny_llama
 
 import mlx_lm_turboquant as tq
 from mlx_lm_turboquant import integration
-from mlx_lm_turboquant.integration import state
+from mlx_lm_turboquant.integration import cli_patch, state
 
 
 @pytest.fixture
@@ -47,7 +47,10 @@ def test_registry_and_switches_agree():
     assert all(on[k] for k in on if k != "cli.evaluate"), on  # evaluate needs lm_eval
     assert not hasattr(mlx_cache.make_prompt_cache._tq_original, "_tq_original")
     wrapped = mlx_cache.make_prompt_cache
-    assert gen.make_prompt_cache is wrapped and sys.modules["mlx_lm.server"].make_prompt_cache is wrapped
+    assert (
+        gen.make_prompt_cache is wrapped
+        and sys.modules["mlx_lm.server"].make_prompt_cache is wrapped
+    )
     assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
 
     tq.deactivate()
@@ -89,7 +92,9 @@ def test_kv_scheme_keyword_on_generate_step(patched, model, capsys):
     with pytest.raises(ValueError, match="made without a KV scheme but kv_scheme='turbo4'"):
         generate_step(prompt, model, kv_scheme="turbo4", prompt_cache=cache)
     with pytest.raises(ValueError, match="holds a turbo3 cache but kv_scheme='turbo4'"):
-        generate_step(prompt, model, kv_scheme="turbo4", prompt_cache=tq.make_prompt_cache(model, "turbo3"))
+        generate_step(
+            prompt, model, kv_scheme="turbo4", prompt_cache=tq.make_prompt_cache(model, "turbo3")
+        )
     with pytest.raises(ValueError, match="kv_layers= needs kv_scheme="):
         generate_step(prompt, model, kv_layers="1:")
 
@@ -100,7 +105,9 @@ def test_generate_and_stream_generate_pass_the_keyword(patched, real_model, caps
     model, tokenizer = real_model
     text = generate(model, tokenizer, "Once upon a time", max_tokens=6, kv_scheme="turbo3")
     assert text and "turbo3 (kv_scheme=) on" in capsys.readouterr().err
-    pieces = [r.text for r in stream_generate(model, tokenizer, "Hi", max_tokens=4, kv_scheme="turbo2")]
+    pieces = [
+        r.text for r in stream_generate(model, tokenizer, "Hi", max_tokens=4, kv_scheme="turbo2")
+    ]
     assert len(pieces) == 4 and "turbo2 (kv_scheme=)" in capsys.readouterr().err
 
 
@@ -128,7 +135,9 @@ def test_env_var_reaches_plain_mlx_lm_calls(patched, model, monkeypatch, capsys)
     monkeypatch.setenv("MLX_TQ_LAYERS", "0")
     cache = mlx_cache.make_prompt_cache(model)
     assert [type(c).__name__ for c in cache] == ["TurboQuantKVCache", "KVCache", "KVCache"]
-    assert "turbo3 (MLX_TQ_SCHEME) on 1/3 layers [0]; kept 1-2 (layers '0')" in capsys.readouterr().err
+    assert (
+        "turbo3 (MLX_TQ_SCHEME) on 1/3 layers [0]; kept 1-2 (layers '0')" in capsys.readouterr().err
+    )
     monkeypatch.setenv("MLX_TQ_QUIET", "1")
     mlx_cache.make_prompt_cache(model)
     assert capsys.readouterr().err == ""
@@ -151,6 +160,7 @@ def test_precedence_keyword_then_flag_then_env(monkeypatch):
 
 def test_a_scheme_that_cannot_take_effect_says_so_even_when_quiet(patched, monkeypatch, capsys):
     monkeypatch.setenv("MLX_TQ_QUIET", "1")
+
     class Sliding:  # a model whose every layer has a sliding window
         layers = [object()] * 3
 
@@ -161,7 +171,9 @@ def test_a_scheme_that_cannot_take_effect_says_so_even_when_quiet(patched, monke
         cache = mlx_cache.make_prompt_cache(Sliding())
     assert all(type(c).__name__ == "RotatingKVCache" for c in cache)
     err = capsys.readouterr().err
-    assert "turbo4 NOT applied (--kv-scheme): no layer can take it (kept 0-2 (RotatingKVCache))" in err
+    assert (
+        "turbo4 NOT applied (--kv-scheme): no layer can take it (kept 0-2 (RotatingKVCache))" in err
+    )
 
     class Model:  # an MLA family: its plain KVCache holds latents
         layers = [object(), object()]
@@ -170,7 +182,10 @@ def test_a_scheme_that_cannot_take_effect_says_so_even_when_quiet(patched, monke
     with state.using(state.select("turbo4", source="--kv-scheme")):
         cache = mlx_cache.make_prompt_cache(Model())
     assert [type(c).__name__ for c in cache] == ["KVCache", "KVCache"]
-    assert "turbo4 NOT applied (--kv-scheme): deepseek_v3 caches MLA latents" in capsys.readouterr().err
+    assert (
+        "turbo4 NOT applied (--kv-scheme): deepseek_v3 caches MLA latents"
+        in capsys.readouterr().err
+    )
 
 
 def _greedy(model, prompt, n, **kwargs):
@@ -188,7 +203,6 @@ def test_turbo0v4_greedy_equals_fp16_greedy_for_32_tokens(real_model, val_ids):
 
 def test_speculative_decoding_compresses_both_caches_and_trims_exactly(real_model, val_ids, capsys):
     from mlx_lm.generate import speculative_generate_step
-
     from mlx_lm.models import llama
 
     model, _ = real_model
@@ -217,7 +231,9 @@ def test_speculative_decoding_compresses_both_caches_and_trims_exactly(real_mode
 
     # After the run, both compressed caches hold exactly as many tokens as plain ones.
     n = len(model.layers)
-    tq_cache = tq.make_prompt_cache(model, "turbo4", "all") + tq.make_prompt_cache(draft, "turbo4", "all")
+    tq_cache = tq.make_prompt_cache(model, "turbo4", "all") + tq.make_prompt_cache(
+        draft, "turbo4", "all"
+    )
     plain_cache = mlx_cache.make_prompt_cache(model) + mlx_cache.make_prompt_cache(draft)
     assert [t for t, _ in run(tq_cache)] == reference
     run(plain_cache)
@@ -239,3 +255,37 @@ def test_perplexity_through_the_cache_matches_mlx_lm_without_a_scheme(real_model
     assert chunked == pytest.approx(expected, rel=1e-4)
     compressed, _ = eval_ppl_through_cache(model, data, 2, 32, state.select("turbo2"))
     assert compressed > expected
+
+
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (["python", "-m", "mlx_lm.generate", "--model", "m"], "generate"),
+        (["python", "-X", "importtime", "-m", "mlx_lm.server"], "server"),
+        (["python", "-m", "mlx_lm", "generate"], None),  # cli.py imports the real module
+        (["python", "script.py", "-m", "mlx_lm.generate"], None),
+        (["python", "-c", "pass", "-m", "mlx_lm.chat"], None),
+        (["python", "-m", "mlx_lm.convert"], None),
+    ],
+)
+def test_python_dash_m_command_detection(monkeypatch, argv, command):
+    monkeypatch.setattr(sys, "orig_argv", argv)
+    assert cli_patch.main_module_command() == command
+
+
+def test_the_dash_m_parse_hook_is_one_shot_and_reversible():
+    import argparse
+
+    plain = argparse.ArgumentParser.parse_args
+    cli_patch.install_for_main_module("chat")
+    try:
+        parser = argparse.ArgumentParser()
+        args = parser.parse_args(["--kv-scheme", "none"])
+        assert args.kv_scheme == "none" and argparse.ArgumentParser.parse_args is plain
+        assert state.active().scheme is None and state.active().source == "--kv-scheme"
+        cli_patch.install_for_main_module("chat")
+        tq.deactivate()
+        assert argparse.ArgumentParser.parse_args is plain
+    finally:
+        argparse.ArgumentParser.parse_args = plain
+        tq.activate()

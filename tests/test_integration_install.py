@@ -33,7 +33,10 @@ def installs(tmp_path_factory):
     base = tmp_path_factory.mktemp("install")
     src = source_copy(base / "src")
     wheel = build_wheel(src, base / "dist")
-    pythons = {"wheel": make_venv(base / "venv-wheel"), "editable": make_venv(base / "venv-editable")}
+    pythons = {
+        "wheel": make_venv(base / "venv-wheel"),
+        "editable": make_venv(base / "venv-editable"),
+    }
     pip_install(pythons["wheel"], wheel)
     pip_install(pythons["editable"], "-e", src)
     return pythons
@@ -42,7 +45,11 @@ def installs(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["wheel", "editable"])
 def test_bootstrap_files_are_installed(installs, kind):
     files = {p.name for p in site_packages(installs[kind]).iterdir()}
-    assert {"mlx_lm_turboquant.pth", "mlx_lm_turboquant.start", "_mlx_lm_turboquant_boot.py"} <= files
+    assert {
+        "mlx_lm_turboquant.pth",
+        "mlx_lm_turboquant.start",
+        "_mlx_lm_turboquant_boot.py",
+    } <= files
     pth = (site_packages(installs[kind]) / "mlx_lm_turboquant.pth").read_text()
     assert pth.strip() == "import _mlx_lm_turboquant_boot; _mlx_lm_turboquant_boot.boot()"
 
@@ -72,7 +79,10 @@ def test_doctor_reports_an_active_bootstrap(installs, kind):
     doctor = run([installs[kind], "-m", "mlx_lm_turboquant", "doctor", "--strict"])
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "bootstrap: ran at start-up" in doctor.stdout
-    assert "attention on, make_prompt_cache on, prompt_cache_files on, generate_kwargs on" in doctor.stdout
+    assert (
+        "attention on, make_prompt_cache on, prompt_cache_files on, generate_kwargs on"
+        in doctor.stdout
+    )
     assert "schemes (builtin): turbo2, turbo3, turbo4" in doctor.stdout
 
     console = site_packages(installs[kind]).parent.parent.parent / "bin" / "mlx-lm-turboquant"
@@ -87,10 +97,19 @@ def test_the_plugin_is_imported_only_when_mlx_lm_is(installs):
     probe = "import sys; print(sorted(m for m in sys.modules if m.startswith(('mlx', '_mlx'))))"
     out = run([installs["wheel"], "-c", probe])
     assert out.stdout.strip() == "['_mlx_lm_turboquant_boot']"
-    out = run([installs["wheel"], "-c", "import mlx_lm, sys; print('mlx_lm_turboquant' in sys.modules)"])
+    out = run(
+        [installs["wheel"], "-c", "import mlx_lm, sys; print('mlx_lm_turboquant' in sys.modules)"]
+    )
     assert out.stdout.strip() == "True"
 
 
 def test_python_dash_s_skips_the_bootstrap(installs):
-    out = run([installs["wheel"], "-S", "-c", "import sys; print('_mlx_lm_turboquant_boot' in sys.modules)"])
+    out = run(
+        [
+            installs["wheel"],
+            "-S",
+            "-c",
+            "import sys; print('_mlx_lm_turboquant_boot' in sys.modules)",
+        ]
+    )
     assert out.stdout.strip() == "False"

@@ -7,8 +7,16 @@ import sys
 
 import mlx.core as mx
 import pytest
-from _integration_env import ROOT, base_paths, clean_env, make_venv, pip_install, run, script
-from _integration_env import source_copy
+from _integration_env import (
+    ROOT,
+    base_paths,
+    clean_env,
+    make_venv,
+    pip_install,
+    run,
+    script,
+    source_copy,
+)
 from conftest import TEST_MODEL, _require
 from test_prompt_cache_files import tiny_llama
 
@@ -116,7 +124,9 @@ def test_entry_points_are_discovered(tmp_path):
     path = ":".join([str(tmp_path), str(ROOT), *base_paths()])
     out = run([sys.executable, "-S", "-c", code], env=clean_env(PYTHONPATH=path))
     assert out.stdout.strip() == "['acme', 'builtin']", out.stderr
-    out = run([sys.executable, "-S", "-c", code], env=clean_env(PYTHONPATH=path, MLX_TQ_NO_PLUGINS=1))
+    out = run(
+        [sys.executable, "-S", "-c", code], env=clean_env(PYTHONPATH=path, MLX_TQ_NO_PLUGINS=1)
+    )
     assert out.stdout.strip() == "['builtin']", out.stderr
 
 

@@ -65,7 +65,11 @@ def scalar_keys(metadata):
 def test_round_trip_is_exact_and_records_the_scheme(good_file, model):
     cache, meta = mlx_cache.load_prompt_cache(good_file, return_metadata=True)
     assert meta["kv_scheme"] == "turbo4" and json.loads(meta["kv_layers"]) == [1, 2]
-    assert [type(c).__name__ for c in cache] == ["KVCache", "TurboQuantKVCache", "TurboQuantKVCache"]
+    assert [type(c).__name__ for c in cache] == [
+        "KVCache",
+        "TurboQuantKVCache",
+        "TurboQuantKVCache",
+    ]
     original = filled_cache(model)
     for a, b in zip(original[1:], cache[1:]):
         assert (a.offset, a.scheme, a.layer_index) == (b.offset, b.scheme, b.layer_index)
@@ -83,7 +87,9 @@ def test_loading_reports_the_scheme(good_file, capsys):
 
 def test_scheme_mismatch_with_the_active_selection(good_file):
     with state.using(state.select("turbo3", source="--kv-scheme")):
-        with pytest.raises(ValueError, match="written with kv_scheme turbo4 but --kv-scheme asks for turbo3"):
+        with pytest.raises(
+            ValueError, match="written with kv_scheme turbo4 but --kv-scheme asks for turbo3"
+        ):
             mlx_cache.load_prompt_cache(good_file)
     with state.using(state.select("turbo4", source="--kv-scheme")):
         mlx_cache.load_prompt_cache(good_file)
@@ -140,13 +146,19 @@ def _drop_array(key):
 # 4 name, 5 key_bits, 6 value_bits, 7 norm_correction, 8 seed, 9 layer_index,
 # 10 offset, 11 k_dim, 12 v_dim, 13 dtype.
 HOSTILE = {
-    "values cut short in time": (_set_array(1, 2, lambda a: a[:, :, :4]), "offset 8 is beyond the 4 tokens"),
+    "values cut short in time": (
+        _set_array(1, 2, lambda a: a[:, :, :4]),
+        "offset 8 is beyond the 4 tokens",
+    ),
     "key norms cut short in time": (_set_array(1, 1, lambda a: a[:, :, :4]), "key_norms has shape"),
     "keys cut short in words": (_set_array(1, 0, lambda a: a[..., :-1]), "keys has shape"),
     "norms with an extra axis": (_set_array(1, 1, lambda a: a[..., None]), "key_norms has shape"),
     "values as int32": (_set_array(1, 2, lambda a: a.astype(mx.int32)), "dtype mlx.core.int32"),
     "norms as float32": (_set_array(1, 3, lambda a: a.astype(mx.float32)), "value_norms has shape"),
-    "values of rank 1": (_set_array(1, 2, lambda a: a.reshape(-1)), r"values must be a \[B, H_kv, T, words\]"),
+    "values of rank 1": (
+        _set_array(1, 2, lambda a: a.reshape(-1)),
+        r"values must be a \[B, H_kv, T, words\]",
+    ),
     "offset beyond the data": (_set_scalar(1, 10, 100000), "offset 100000 is beyond"),
     "negative offset": (_set_scalar(1, 10, -3), "offset must be a non-negative int"),
     "key bits out of range": (_set_scalar(1, 5, 5), "does not match key_bits=5"),
@@ -155,11 +167,17 @@ HOSTILE = {
     "negative seed": (_set_scalar(1, 8, -1), r"seed must be in \[0, 2\*\*63\)"),
     "unknown dtype": (_set_scalar(1, 13, "int8"), "cache dtype must be"),
     "empty scheme name": (_set_scalar(1, 4, ""), "scheme name must be a string"),
-    "unknown class name": (_set_meta("1.1", "EvilCache"), "layer 1 has unknown cache class 'EvilCache'"),
+    "unknown class name": (
+        _set_meta("1.1", "EvilCache"),
+        "layer 1 has unknown cache class 'EvilCache'",
+    ),
     "a scalar pointing nowhere": (_set_meta("2.1.0", "9.9"), "points at no stored array"),
     "an unknown scalar type": (_set_meta("2.1.1", "pickle"), "unknown scalar type 'pickle'"),
     "a missing array": (_drop_array("1.2"), "invalid prompt cache file"),
-    "metadata naming another scheme": (_set_meta("0.kv_scheme", "turbo2"), "metadata says kv_scheme='turbo2'"),
+    "metadata naming another scheme": (
+        _set_meta("0.kv_scheme", "turbo2"),
+        "metadata says kv_scheme='turbo2'",
+    ),
 }
 
 

@@ -57,6 +57,7 @@ def activate():
 def deactivate():
     """Undo every patch and stop patching later imports."""
     bootstrap.uninstall_finder()
+    cli_patch.uninstall_main_module_hook()
     if "mlx_lm" not in sys.modules:
         return
     for seam in reversed(list(SEAMS.values())):

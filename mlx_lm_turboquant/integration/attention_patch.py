@@ -26,7 +26,10 @@ def _make_dispatcher(original):
 
 def _rebind(old, new):
     for name, module in list(sys.modules.items()):
-        if name.startswith("mlx_lm.models.") and getattr(module, "scaled_dot_product_attention", None) is old:
+        if (
+            name.startswith("mlx_lm.models.")
+            and getattr(module, "scaled_dot_product_attention", None) is old
+        ):
             module.scaled_dot_product_attention = new
 
 

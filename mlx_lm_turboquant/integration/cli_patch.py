@@ -8,6 +8,7 @@ wrapped, and during the call the first ``ArgumentParser.parse_args`` adds the fl
 
 import argparse
 import dataclasses
+import sys
 
 from . import _patching, report, state
 
@@ -87,7 +88,9 @@ def after_parse(parser: argparse.ArgumentParser, args, command: str):
         state.options["kv_chunk_size"] = args.kv_chunk_size
     if on and generate_patch.batch_support_missing():
         if command == "benchmark" and getattr(args, "batch_size", 1) > 1:
-            parser.error(f"{selection.source} {selection.scheme.name}: {generate_patch.BATCH_MESSAGE}")
+            parser.error(
+                f"{selection.source} {selection.scheme.name}: {generate_patch.BATCH_MESSAGE}"
+            )
         if command == "server":
             report.emit(
                 f"server: {selection.scheme.name} caches have no batch support yet, so "
@@ -121,16 +124,25 @@ def _wrap_setup_arg_parser(command):
     return wrap
 
 
+def _first_parse_hook(command, before=None):
+    """A replacement for ``ArgumentParser.parse_args`` that adds the flags to the first
+    parser parsed, then puts the plain method back."""
+    plain = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, a=None, namespace=None):
+        argparse.ArgumentParser.parse_args = plain  # first parser only
+        if before is not None:
+            before()
+        add_arguments(self, command)
+        return after_parse(self, plain(self, a, namespace), command)
+
+    return plain, parse_args
+
+
 def _wrap_main(command):
     def wrap(original):
         def main(*args, **kwargs):
-            plain = argparse.ArgumentParser.parse_args
-
-            def parse_args(self, a=None, namespace=None):
-                argparse.ArgumentParser.parse_args = plain  # first parser only
-                add_arguments(self, command)
-                return after_parse(self, plain(self, a, namespace), command)
-
+            plain, parse_args = _first_parse_hook(command)
             argparse.ArgumentParser.parse_args = parse_args
             try:
                 return original(*args, **kwargs)
@@ -141,6 +153,48 @@ def _wrap_main(command):
         return main
 
     return wrap
+
+
+def main_module_command():
+    """The command run as ``python -m mlx_lm.<command>`` in this process, or None."""
+    argv = list(getattr(sys, "orig_argv", []))
+    i = 1
+    while i < len(argv) - 1:
+        arg = argv[i]
+        if arg == "-m":
+            module = argv[i + 1]
+            break
+        if arg == "-c" or not arg.startswith("-"):  # a script or -c code: not -m
+            return None
+        i += 2 if arg in ("-X", "-W", "--check-hash-based-pycs") else 1
+    else:
+        return None
+    command = module[len("mlx_lm.") :] if module.startswith("mlx_lm.") else None
+    return command if command in PARSER_FUNCTION else None
+
+
+def install_for_main_module(command):
+    """``python -m mlx_lm.<command>`` runs a second copy of the module as ``__main__``,
+    which the seams above never see. Its ``main()`` parses once: the first
+    ``parse_args`` of the process gains the flags (and perplexity's ``__main__`` copy of
+    ``eval_ppl`` is swapped at that moment, when the module has been fully defined)."""
+    from . import perplexity_patch
+
+    def before():
+        main = sys.modules.get("__main__")
+        if command == "perplexity" and main is not None and hasattr(main, "eval_ppl"):
+            _patching.swap(main, "eval_ppl", perplexity_patch._wrap, copies=False)
+
+    if _patching.swapped(argparse.ArgumentParser, "parse_args"):
+        return
+    plain, parse_args = _first_parse_hook(command, before)
+    setattr(parse_args, _patching.MARK, plain)
+    argparse.ArgumentParser.parse_args = parse_args
+
+
+def uninstall_main_module_hook():
+    """Drop the hook above if no parser has consumed it yet."""
+    _patching.restore(argparse.ArgumentParser, "parse_args", copies=False)
 
 
 class CommandSeam:

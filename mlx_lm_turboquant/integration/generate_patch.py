@@ -71,9 +71,9 @@ def _wrap_speculative(original):
         _check_kv_bits(selection or state.active(), kwargs)
         if selection is not None:
             if kwargs.get("prompt_cache") is None:
-                kwargs["prompt_cache"] = create_cache(model, None, selection, "model") + create_cache(
-                    draft_model, None, selection, "draft"
-                )
+                kwargs["prompt_cache"] = create_cache(
+                    model, None, selection, "model"
+                ) + create_cache(draft_model, None, selection, "draft")
             else:
                 check_cache(kwargs["prompt_cache"], selection)
         return original(prompt, model, draft_model, *args, **kwargs)

@@ -93,7 +93,9 @@ def describe(model, plan, source: str, label: str = "") -> str:
             f"({kept or 'no plain KVCache layer'}); --max-kv-size makes every layer a "
             "RotatingKVCache"
         )
-    parts = [f"{who}{s.name} ({source}) on {len(plan.compressed)}/{n} layers [{ranges(plan.compressed)}]"]
+    parts = [
+        f"{who}{s.name} ({source}) on {len(plan.compressed)}/{n} layers [{ranges(plan.compressed)}]"
+    ]
     if kept:
         parts.append(kept.replace("(layer spec)", f"(layers '{plan.layers_spec}')"))
     sizes = bytes_per_token(model, plan)

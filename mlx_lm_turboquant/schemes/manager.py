@@ -110,6 +110,4 @@ def get_scheme(name) -> SchemeInfo:
         return SchemeInfo(parse_scheme(name), None, "", "builtin")
     except ValueError:
         pass
-    raise ValueError(
-        f"unknown KV scheme {name!r}; registered: {', '.join(scheme_names())}"
-    )
+    raise ValueError(f"unknown KV scheme {name!r}; registered: {', '.join(scheme_names())}")
