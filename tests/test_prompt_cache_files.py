@@ -174,6 +174,14 @@ HOSTILE = {
     "a scalar pointing nowhere": (_set_meta("2.1.0", "9.9"), "points at no stored array"),
     "an unknown scalar type": (_set_meta("2.1.1", "pickle"), "unknown scalar type 'pickle'"),
     "a missing array": (_drop_array("1.2"), "invalid prompt cache file"),
+    "a plain layer with keys shorter than values": (
+        _set_array(0, 0, lambda a: a[:, :, :3]),
+        r"layer 0 \(KVCache\) needs float keys and values",
+    ),
+    "a plain layer with integer values": (
+        _set_array(0, 1, lambda a: a.astype(mx.int32)),
+        r"layer 0 \(KVCache\) needs float",
+    ),
     "metadata naming another scheme": (
         _set_meta("0.kv_scheme", "turbo2"),
         "metadata says kv_scheme='turbo2'",

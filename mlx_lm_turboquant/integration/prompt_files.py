@@ -114,6 +114,30 @@ def _check_scheme(file_name, cache, metadata):
         )
 
 
+def _check_plain_layers(file_name, cache, cache_module):
+    """mlx-lm's KVCache trusts its arrays: check them too, so a damaged fp16 layer next
+    to compressed ones fails here rather than in attention."""
+    import mlx.core as mx
+
+    for i, c in enumerate(cache):
+        if type(c) is not cache_module.KVCache or c.keys is None:
+            continue
+        k, v = c.keys, c.values
+        ok = (
+            isinstance(k, mx.array)
+            and isinstance(v, mx.array)
+            and k.ndim == v.ndim == 4
+            and k.shape[:3] == v.shape[:3]
+            and mx.issubdtype(k.dtype, mx.floating)
+            and mx.issubdtype(v.dtype, mx.floating)
+        )
+        if not ok:
+            raise ValueError(
+                f"{file_name}: layer {i} (KVCache) needs float keys and values of shape "
+                "[B, H_kv, T, D] with the same B, H_kv and T"
+            )
+
+
 def _wrap_load(original):
     def load_prompt_cache(file_name, return_metadata=False):
         from mlx_lm.models import cache as cache_module
@@ -127,6 +151,7 @@ def _wrap_load(original):
             raise ValueError(
                 f"invalid prompt cache file {file_name}: {type(e).__name__}: {e}"
             ) from None
+        _check_plain_layers(file_name, cache, cache_module)
         _check_scheme(file_name, cache, metadata)
         found = _schemes_in(cache)
         if found:
