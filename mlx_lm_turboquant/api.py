@@ -8,9 +8,16 @@ from mlx_lm.models import cache as mlx_cache
 from .cache import TurboQuantKVCache
 from .config import KVScheme, resolve_layers
 
-# Chosen from the layer study in docs/evaluation.md: on tq-llama-8k compressing
-# every layer met the quality floor, and the boundary layers bought little.
-DEFAULT_LAYERS = "all"
+# Chosen from the layer study in docs/evaluation.md: on tq-llama-8k the last
+# attention layer carries about half of turbo4's KL divergence (keeping it fp16
+# halves the KL), while keeping the first layer bought nothing. Models with fewer
+# than MIN_LAYERS_TO_PROTECT attention layers get every layer compressed.
+DEFAULT_LAYERS = "!-1"
+MIN_LAYERS_TO_PROTECT = 4
+
+
+def default_layer_spec(n_attention_layers: int) -> str:
+    return DEFAULT_LAYERS if n_attention_layers >= MIN_LAYERS_TO_PROTECT else "all"
 
 # Models whose plain KVCache holds MLA latents or indexer keys rather than per-head
 # K/V: compressing those with a per-head codec would be wrong.
@@ -75,7 +82,7 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
     TurboQuant caches; returns what was done and why the other layers were kept.
 
     ``layers`` defaults to ``$MLX_TQ_LAYERS``, then the scheme's registered default,
-    then ``DEFAULT_LAYERS``.
+    then :func:`default_layer_spec`.
     """
     info = get_scheme(scheme)
     plan = CachePlan(info.scheme, len(cache))
@@ -87,8 +94,9 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
     for i, c in enumerate(cache):
         if i not in positions:
             plan.kept.setdefault(type(c).__name__, []).append(i)
-    plan.layers_spec = _layer_spec(layers, info.layers)
-    chosen = resolve_layers(layers, len(positions), info.layers or DEFAULT_LAYERS)
+    default = info.layers or default_layer_spec(len(positions))
+    plan.layers_spec = _layer_spec(layers, default)
+    chosen = resolve_layers(layers, len(positions), default)
     for k in chosen:
         i = positions[k]
         cache[i] = TurboQuantKVCache(info.scheme, layer_index=i)
@@ -99,12 +107,12 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
     return plan
 
 
-def _layer_spec(layers, scheme_default):
+def _layer_spec(layers, default):
     import os
 
     if layers is not None:
         return str(layers)
-    return os.environ.get("MLX_TQ_LAYERS") or scheme_default or DEFAULT_LAYERS
+    return os.environ.get("MLX_TQ_LAYERS") or default
 
 
 def base_make_prompt_cache(model, max_kv_size: Optional[int] = None) -> list:
@@ -124,7 +132,8 @@ def make_prompt_cache(
         scheme: scheme name (see :func:`schemes`) or a ``KVScheme``.
         layers: which full-attention layers to compress, counted among those layers
             only (``"all"``, ``"2:-2"``, ``"0,3-7"``, ...); default ``$MLX_TQ_LAYERS``,
-            else the scheme's registered default, else ``DEFAULT_LAYERS``.
+            else the scheme's registered default, else all but the last attention
+            layer (all of them when the model has fewer than 4).
         max_kv_size: passed to mlx-lm's ``make_prompt_cache`` (a bounded cache is a
             ``RotatingKVCache``, which is left uncompressed).
 

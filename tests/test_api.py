@@ -23,12 +23,15 @@ def _tiny_llama(layer_types=None, n_layers=4):
     return model
 
 
-def test_every_layer_by_default(monkeypatch):
+def test_default_keeps_the_last_attention_layer(monkeypatch):
     monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
     cache = make_prompt_cache(_tiny_llama(), "turbo3")
-    assert [type(c) for c in cache] == [TurboQuantKVCache] * 4
-    assert [c.layer_index for c in cache] == [0, 1, 2, 3]
-    assert all(c.scheme.name == "turbo3" for c in cache)
+    assert [type(c) for c in cache] == [TurboQuantKVCache] * 3 + [mlx_cache.KVCache]
+    assert [c.layer_index for c in cache[:3]] == [0, 1, 2]
+    assert all(c.scheme.name == "turbo3" for c in cache[:3])
+    # Too few attention layers to spare one: all are compressed.
+    cache = make_prompt_cache(_tiny_llama(n_layers=3), "turbo3")
+    assert [type(c) for c in cache] == [TurboQuantKVCache] * 3
 
 
 def test_layer_spec_and_env(monkeypatch):
@@ -44,9 +47,10 @@ def test_layer_spec_and_env(monkeypatch):
         make_prompt_cache(model, "turbo9")
 
 
-def test_other_cache_types_are_left_alone():
+def test_other_cache_types_are_left_alone(monkeypatch):
+    monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
     model = _tiny_llama(["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
-    cache = make_prompt_cache(model, "turbo4")
+    cache = make_prompt_cache(model, "turbo4", layers="all")
     assert [type(c).__name__ for c in cache] == [
         "RotatingKVCache", "TurboQuantKVCache", "RotatingKVCache", "TurboQuantKVCache",
     ]  # fmt: skip
@@ -59,7 +63,7 @@ def test_other_cache_types_are_left_alone():
 def test_generation_on_a_random_model(patched, layer_types):
     model = _tiny_llama(layer_types)
     prompt = mx.array([1, 5, 9, 13, 2, 7, 3, 11, 4, 6, 8, 10])
-    cache = make_prompt_cache(model, "turbo4")
+    cache = make_prompt_cache(model, "turbo4", layers="all")
     steps = generate_step(prompt, model, prompt_cache=cache, prefill_step_size=5)
     tokens = [t for t, _ in itertools.islice(steps, 12)]
     assert len(tokens) == 12

@@ -51,26 +51,39 @@ def _step_logprobs(model, ids, cache, prefill, steps, prefill_step=2048):
 def kv_bytes(cache) -> int:
     """Bytes the cache holds, with uncompressed layers counted at 2 bytes per element
     (as an fp16 model would hold them, whatever dtype this run used)."""
+    from ..cache import TurboQuantKVCache
+
     total = 0
     for c in cache:
         if isinstance(c, mlx_cache.KVCache) and not c.empty():
             total += c.nbytes * 2 // c.keys.dtype.size
+        elif isinstance(c, TurboQuantKVCache) and not c.empty() and c.scheme.key_bits == 0:
+            total += c.nbytes - c.keys.nbytes + c.keys.nbytes * 2 // c.keys.dtype.size
         else:
             total += c.nbytes
     return total
 
 
-def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256) -> KLResult:
+def reference_run(model, ids, prefill=768, steps=256):
+    """The uncompressed run: ``(logprobs [steps, vocab], cache)``; reusable across schemes."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or len(ids) < prefill + steps + 1:
+        raise ValueError(f"need a 1-D array of at least {prefill + steps + 1} ids, got {ids.shape}")
+    cache = mlx_cache.make_prompt_cache(model)
+    logprobs = _step_logprobs(model, ids, cache, prefill, steps)
+    mx.eval(logprobs)
+    return logprobs, cache
+
+
+def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256, reference=None) -> KLResult:
     """KL(reference || compressed) per decode step, top-1 agreement and perplexities.
 
     Args:
         ids: 1-D int array with at least ``prefill + steps + 1`` tokens.
+        reference: the result of :func:`reference_run` for the same ids, to reuse.
     """
     ids = np.asarray(ids)
-    if ids.ndim != 1 or len(ids) < prefill + steps + 1:
-        raise ValueError(f"need a 1-D array of at least {prefill + steps + 1} ids, got {ids.shape}")
-    ref_cache = mlx_cache.make_prompt_cache(model)
-    ref = _step_logprobs(model, ids, ref_cache, prefill, steps)
+    ref, ref_cache = reference or reference_run(model, ids, prefill, steps)
     tq_cache = make_prompt_cache(model, scheme, layers=layers)
     tq = _step_logprobs(model, ids, tq_cache, prefill, steps)
     kl = (mx.exp(ref) * (ref - tq)).sum(axis=-1)

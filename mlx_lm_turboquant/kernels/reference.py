@@ -10,8 +10,8 @@ chunks, so the transient memory is a few blocks, not a float copy of the cache.
 
 import mlx.core as mx
 
-BLOCK_TOKENS = 1024
-BLOCK_QUERIES = 256
+BLOCK_TOKENS = 512
+BLOCK_QUERIES = 128  # with 512-token blocks: a 4k prefill peaks below the fp16 cache's (docs/memory.md)
 _NEG = -1e30  # finite, so a fully masked row gives uniform weights instead of NaN
 
 
