@@ -264,6 +264,8 @@ def test_perplexity_runs_through_the_cache(tq_python, tmp_path):
 
     plain, out = ppl()
     assert "mlx-lm-turboquant" not in out.stderr
+    alone = mlx_lm(tq_python, "perplexity", *args, "--kv-chunk-size", "16", env=_with_stubs())
+    assert alone.returncode == 2 and "--kv-chunk-size needs --kv-scheme" in alone.stderr
     none, _ = ppl("--kv-scheme", "none")
     assert none == plain
     turbo, out = ppl("--kv-scheme", "turbo2", "--kv-chunk-size", "16")

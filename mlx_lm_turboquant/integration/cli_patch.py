@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str):
         group.add_argument(
             "--kv-chunk-size",
             type=int,
-            default=256,
+            default=None,
             help="With --kv-scheme, tokens fed through the cache per step (default 256).",
         )
 
@@ -82,7 +82,9 @@ def after_parse(parser: argparse.ArgumentParser, args, command: str):
             f"{selection.source} {selection.scheme.name} cannot be combined with --kv-bits: "
             "both compress the KV cache; use one of them"
         )
-    if command == "perplexity":
+    if command == "perplexity" and args.kv_chunk_size is not None:
+        if not on:
+            parser.error("--kv-chunk-size needs --kv-scheme (or MLX_TQ_SCHEME)")
         if args.kv_chunk_size < 1:
             parser.error("--kv-chunk-size must be at least 1")
         state.options["kv_chunk_size"] = args.kv_chunk_size
