@@ -1,0 +1,119 @@
+"""Needle in a haystack: can the model copy a fact planted early in a long context?
+
+The haystack is real text (token ids); the needle is an assignment ``<name> = <number>``
+inserted at a line boundary at a given depth, and the prompt ends with ``<name> =`` so a
+model with working long-range attention completes the number. The same prompts run
+through the uncompressed cache and through each scheme.
+"""
+
+import string
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import cache as mlx_cache
+
+from ..api import make_prompt_cache
+
+
+@dataclass
+class NeedleResult:
+    scheme: str
+    lengths: List[int]
+    depths: List[float]
+    trials: int
+    hits: List[List[int]]  # [depth][length] hit counts
+    answers: List[Dict] = field(default_factory=list)
+
+    def rate(self):
+        return np.array(self.hits) / self.trials
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _line_starts(tokenizer, ids):
+    """Positions just after a token whose text ends a line."""
+    ends = {t for t in set(ids.tolist()) if tokenizer.decode([t]).endswith("\n")}
+    return np.array([i + 1 for i, t in enumerate(ids.tolist()) if t in ends])
+
+
+def make_prompt(tokenizer, haystack_ids, length, depth, rng):
+    """``(prompt_ids, answer_text)`` of exactly ``length`` tokens."""
+    name = "".join(rng.choice(list(string.ascii_lowercase), 6)) + "_key"
+    value = str(rng.integers(10000, 99999))
+    needle = tokenizer.encode(f"{name} = {value}\n", add_special_tokens=False)
+    query = tokenizer.encode(f"\n\n{name} =", add_special_tokens=False)
+    n_hay = length - len(needle) - len(query)
+    if n_hay < 16:
+        raise ValueError(f"context length {length} is too short for a needle")
+    start = int(rng.integers(0, len(haystack_ids) - n_hay))
+    hay = np.asarray(haystack_ids[start : start + n_hay])
+    starts = _line_starts(tokenizer, hay)
+    target = int(depth * n_hay)
+    pos = int(starts[np.argmin(np.abs(starts - target))]) if len(starts) else target
+    ids = np.concatenate([hay[:pos], needle, hay[pos:], query]).astype(np.int32)
+    return ids, value
+
+
+def _complete(model, ids, cache, n_tokens, chunk=512):
+    x = mx.array(ids[None])
+    for s in range(0, len(ids) - 1, chunk):
+        model(x[:, s : min(len(ids) - 1, s + chunk)], cache=cache)
+        mx.eval([c.state for c in cache])
+    y, out = x[:, -1:], []
+    for _ in range(n_tokens):
+        y = model(y, cache=cache)[:, -1].argmax(-1)[:, None]
+        out.append(int(y.item()))
+    return out
+
+
+def needle_in_haystack(model, tokenizer, haystack_ids, schemes, lengths, depths, trials=5, seed=0,
+                       layers=None, progress=None) -> List[NeedleResult]:  # fmt: skip
+    """Hit counts per (depth, length) for the uncompressed cache ("fp16") and each scheme."""
+    names = ["fp16"] + [str(getattr(s, "name", s)) for s in schemes]
+    results = {n: NeedleResult(n, list(lengths), list(depths), trials,
+                               [[0] * len(lengths) for _ in depths]) for n in names}  # fmt: skip
+    rng = np.random.default_rng(seed)
+    for di, depth in enumerate(depths):
+        for li, length in enumerate(lengths):
+            for t in range(trials):
+                ids, value = make_prompt(tokenizer, haystack_ids, length, depth, rng)
+                n_answer = len(tokenizer.encode(" " + value, add_special_tokens=False)) + 1
+                for name, scheme in zip(names, [None] + list(schemes)):
+                    if scheme is None:
+                        cache = mlx_cache.make_prompt_cache(model)
+                    else:
+                        cache = make_prompt_cache(model, scheme, layers=layers)
+                    text = tokenizer.decode(_complete(model, ids, cache, n_answer))
+                    hit = text.strip().startswith(value)
+                    results[name].hits[di][li] += int(hit)
+                    results[name].answers.append(
+                        {"length": length, "depth": depth, "trial": t, "expected": value,
+                         "got": text, "hit": hit}  # fmt: skip
+                    )
+                if progress is not None:
+                    progress.update(1)
+    return [results[n] for n in names]
+
+
+def plot_heatmaps(results: List[NeedleResult], path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results) + 1, 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        im = ax.imshow(r.rate(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(r.lengths)), [str(n) for n in r.lengths], rotation=45)
+        ax.set_yticks(range(len(r.depths)), [f"{d:.0%}" for d in r.depths])
+        ax.set_title(f"{r.scheme}: {r.rate().mean():.0%}")
+        ax.set_xlabel("context length")
+        for (i, j), v in np.ndenumerate(r.rate()):
+            ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="hit rate")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
