@@ -289,3 +289,33 @@ def test_the_dash_m_parse_hook_is_one_shot_and_reversible():
     finally:
         argparse.ArgumentParser.parse_args = plain
         tq.activate()
+
+
+def test_evaluate_scores_through_compressed_caches(monkeypatch, capsys):
+    """mlx_lm.evaluate's log-likelihood path (lm_eval replaced by tests/stubs)."""
+    from pathlib import Path
+
+    from conftest import TEST_MODEL, _require
+
+    _require(TEST_MODEL)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "stubs"))
+    from mlx_lm.evaluate import MLXLM
+
+    tq.activate()
+    lm = MLXLM(str(TEST_MODEL), use_chat_template=False)
+
+    class Request:
+        def __init__(self, context, continuation):
+            self.args = (context, continuation)
+
+    requests = [Request("Once upon a time", " there was a"), Request("The cat", " sat on the mat")]
+
+    def scores(scheme):
+        with state.using(state.select(scheme, "all", "--kv-scheme")):
+            return [s for s, _ in lm.loglikelihood(requests)]
+
+    plain = scores("none")
+    assert "mlx-lm-turboquant" not in capsys.readouterr().err
+    turbo2 = scores("turbo2")
+    assert "turbo2 (--kv-scheme) on 6/6 layers" in capsys.readouterr().err
+    assert turbo2 != plain  # the compressed cache is what got scored
