@@ -30,6 +30,13 @@ def tiny_llama():
     return model
 
 
+@pytest.fixture(autouse=True)
+def no_scheme_from_outside(monkeypatch):
+    for var in ("MLX_TQ_SCHEME", "MLX_TQ_LAYERS", "MLX_TQ_QUIET"):
+        monkeypatch.delenv(var, raising=False)
+    state.set_cli(None)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama()
