@@ -33,11 +33,17 @@ def base_paths():
 
 
 def script(name: str) -> str:
-    """A console script of this environment (e.g. ``mlx_lm.generate``)."""
-    path = Path(sysconfig.get_paths()["scripts"]) / name
-    if not path.exists():
-        path = Path(sys.executable).parent / name
-    return str(path)
+    """A console script pip wrote for mlx-lm (e.g. ``mlx_lm.generate``): next to this
+    interpreter, else where mlx-lm's installation record says it is."""
+    from importlib.metadata import distribution
+
+    for d in (sysconfig.get_paths()["scripts"], Path(sys.executable).parent):
+        if (Path(d) / name).exists():
+            return str(Path(d) / name)
+    for f in distribution("mlx-lm").files or ():
+        if f.name == name:
+            return str(Path(f.locate()).resolve())
+    raise FileNotFoundError(f"console script {name} of mlx-lm not found")
 
 
 def clean_env(**extra):
