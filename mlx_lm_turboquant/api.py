@@ -27,6 +27,11 @@ LATENT_CACHE_MODELS = frozenset(
 )
 # Models that compute attention themselves instead of calling mlx-lm's dispatcher.
 OWN_ATTENTION_MODELS = frozenset("gemma2 olmo plamo2 deepseek_v41".split())
+# Models that call the dispatcher but first treat the cached keys as arrays.
+ARRAY_KEY_MODELS = {
+    "phi3small": "phi3small computes block-sparse attention itself on the cached keys",
+    "plamo": "plamo repeats the cached keys per head (mx.tile) before attention",
+}
 
 
 def schemes() -> List[str]:
@@ -47,13 +52,32 @@ def model_family(model) -> str:
     return type(model).__module__.rsplit(".", 1)[-1]
 
 
+def _attention_families(model) -> List[str]:
+    """Model families of the attention modules ``model`` is built from (wrappers such as
+    kimi_k25 reuse deepseek_v3's attention)."""
+    found = []
+    if not callable(getattr(model, "named_modules", None)):  # not an nn.Module
+        return found
+    for _, m in model.named_modules():
+        name = type(m).__name__
+        if "Attention" in name or "Attn" in name:
+            family = type(m).__module__.rsplit(".", 1)[-1]
+            if family not in found:
+                found.append(family)
+    return found
+
+
 def unsupported_reason(model) -> Optional[str]:
     """Why no layer of ``model`` can be compressed, or None."""
     family = model_family(model)
-    if family in LATENT_CACHE_MODELS:
-        return f"{family} caches MLA latents, not per-head keys and values"
-    if family in OWN_ATTENTION_MODELS:
-        return f"{family} computes attention itself, bypassing mlx-lm's dispatcher"
+    for f in [family] + _attention_families(model):
+        via = "" if f == family else f" (its attention is {f}'s)"
+        if f in LATENT_CACHE_MODELS:
+            return f"{family} caches MLA latents, not per-head keys and values{via}"
+        if f in OWN_ATTENTION_MODELS:
+            return f"{family} computes attention itself, bypassing mlx-lm's dispatcher{via}"
+        if f in ARRAY_KEY_MODELS:
+            return ARRAY_KEY_MODELS[f] + via
     return None
 
 

@@ -51,6 +51,10 @@ class CompressedKV:
     def ndim(self):
         return len(self.shape)
 
+    def astype(self, dtype):
+        """Still a handle: attention computes in float32 and returns the queries' dtype."""
+        return CompressedKV(self.cache, self.kind, self.shape, dtype)
+
     def __repr__(self):
         return f"CompressedKV({self.kind}, shape={self.shape}, scheme={self.cache.scheme.name})"
 
@@ -160,6 +164,15 @@ class TurboQuantKVCache(_BaseCache):
             else:
                 setattr(self, name, mx.concatenate([old[:, :, :prev], extra], axis=2))
 
+    def keys_and_values(self):
+        """Handles on the cached keys and values (models that share one layer's KV with
+        later layers read them this way; attention on them goes through the dispatcher)."""
+        B, n_kv_heads = self.values.shape[:2]
+        return (
+            CompressedKV(self, "keys", (B, n_kv_heads, self.offset, self.k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, self.offset, self.v_dim), self.dtype),
+        )
+
     def size(self):
         return self.offset
 
@@ -176,6 +189,13 @@ class TurboQuantKVCache(_BaseCache):
 
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    @classmethod
+    def merge(cls, caches):
+        """A ``BatchTurboQuantKVCache`` of ``caches`` (mlx-lm's batching entry point)."""
+        from .batch_cache import BatchTurboQuantKVCache
+
+        return BatchTurboQuantKVCache.merge(caches)
 
     @property
     def nbytes(self):

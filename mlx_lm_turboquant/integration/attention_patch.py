@@ -8,13 +8,20 @@ modules already imported: their copies are rebound too. Idempotent and reversibl
 import sys
 
 from ..attention import turboquant_sdpa
-from ..cache import TurboQuantKVCache
+from ..batch_cache import BatchTurboQuantKVCache
+from ..cache import CompressedKV, TurboQuantKVCache
 
 _ORIGINAL = None
 
 
 def _make_dispatcher(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if isinstance(keys, CompressedKV):
+            # The handle names its cache: some models attend over another layer's
+            # keys (KV sharing, loop layers) while passing their own cache.
+            cache = keys.cache
+        if isinstance(cache, BatchTurboQuantKVCache):  # padding is masked out by `mask`
+            cache = cache.attention_cache()
         if isinstance(cache, TurboQuantKVCache):
             return turboquant_sdpa(queries, cache, scale=scale, mask=mask, sinks=sinks)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)

@@ -15,6 +15,7 @@ import json
 from . import _patching, state
 
 CLASS_NAME = "TurboQuantKVCache"
+BATCH_CLASS_NAME = "BatchTurboQuantKVCache"
 
 
 def _known_classes(cache_module):
@@ -169,9 +170,11 @@ def _wrap_load(original):
 def install():
     from mlx_lm.models import cache as cache_module
 
+    from ..batch_cache import BatchTurboQuantKVCache
     from ..cache import TurboQuantKVCache
 
     setattr(cache_module, CLASS_NAME, TurboQuantKVCache)
+    setattr(cache_module, BATCH_CLASS_NAME, BatchTurboQuantKVCache)
     _patching.swap(cache_module, "save_prompt_cache", _wrap_save)
     _patching.swap(cache_module, "load_prompt_cache", _wrap_load)
 
@@ -182,8 +185,9 @@ def uninstall():
         return
     _patching.restore(module, "save_prompt_cache")
     _patching.restore(module, "load_prompt_cache")
-    if CLASS_NAME in vars(module):
-        delattr(module, CLASS_NAME)
+    for name in (CLASS_NAME, BATCH_CLASS_NAME):
+        if name in vars(module):
+            delattr(module, name)
 
 
 def is_installed() -> bool:
@@ -191,6 +195,7 @@ def is_installed() -> bool:
     return (
         module is not None
         and CLASS_NAME in vars(module)
+        and BATCH_CLASS_NAME in vars(module)
         and _patching.swapped(module, "save_prompt_cache")
         and _patching.swapped(module, "load_prompt_cache")
     )

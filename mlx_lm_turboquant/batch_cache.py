@@ -1,0 +1,410 @@
+"""BatchTurboQuantKVCache: the batch form of ``TurboQuantKVCache`` for continuous batching.
+
+It follows mlx-lm's ``BatchKVCache`` protocol step for step (left padding, per-row
+``offset``, one physical end ``_idx`` shared by every row, ``merge`` / ``extract`` /
+``filter`` / ``extend`` / ``prepare`` / ``finalize``), because a model's batch cache list
+may mix both classes (e.g. the last layer kept fp16) and one layer's mask serves all
+layers: every operation must move ``_idx`` and ``left_padding`` exactly as
+``BatchKVCache`` does. Tokens are stored packed; rows are moved, never re-encoded.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache, _BaseCache, dynamic_roll
+
+from . import kernels
+from .cache import MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache
+from .config import KVScheme, parse_scheme
+
+_NAMES = ("keys", "key_norms", "values", "value_norms")
+
+
+def _encode(codec, x):
+    """Encode as the single cache does: through the fused-kernel hook where this version
+    has one, else the codec's pure-MLX encode."""
+    fused = getattr(kernels, "encode", None)
+    return codec.encode(x) if fused is None else fused(codec, x)
+
+
+def _as_list(indices, n_rows: int) -> List[int]:
+    if isinstance(indices, mx.array):
+        indices = indices.tolist()
+    indices = [int(i) for i in indices]
+    for i in indices:
+        if not 0 <= i < n_rows:
+            raise ValueError(f"batch index {i} is outside a batch of {n_rows} rows")
+    return indices
+
+
+class BatchTurboQuantKVCache(_BaseCache):
+    """A TurboQuant-compressed KV cache for ``B`` left-padded sequences.
+
+    Args:
+        scheme: a :class:`KVScheme` or its name.
+        left_padding: padding tokens in front of each row (``B`` ints).
+        layer_index: the layer's index; seeds the layer's rotations (as in the single cache).
+
+    Stored arrays (``T`` = capacity; row ``b`` holds its tokens in ``[left_padding[b], _idx)``):
+        keys: ``[B, H_kv, T, words_k]`` uint32 (``[B, H_kv, T, D_k]`` float when key_bits == 0).
+        key_norms: ``[B, H_kv, T]`` float16 (None when key_bits == 0).
+        values: ``[B, H_kv, T, words_v]`` uint32.
+        value_norms: ``[B, H_kv, T]`` float16.
+        offset: ``[B]`` int32, the position of the next token of each row (RoPE offset).
+        left_padding: ``[B]`` int32.
+    """
+
+    step = 256
+
+    def __init__(self, scheme="turbo4", left_padding: Optional[List[int]] = None,
+                 layer_index: int = 0):  # fmt: skip
+        if left_padding is None:
+            raise ValueError("BatchTurboQuantKVCache needs left_padding, one int per row")
+        left_padding = [int(p) for p in left_padding]
+        if any(p < 0 for p in left_padding):
+            raise ValueError(f"left_padding must be non-negative, got {left_padding}")
+        single = TurboQuantKVCache(scheme, layer_index)  # validates scheme and layer_index
+        self.scheme: KVScheme = single.scheme
+        self.layer_index = layer_index
+        self.keys = self.key_norms = self.values = self.value_norms = None
+        self.k_dim = self.v_dim = None
+        self.dtype = None
+        self.left_padding = mx.array(left_padding, dtype=mx.int32)
+        self.offset = -self.left_padding
+        self._idx = 0
+        self._right_padding = None
+
+    # Same dtype-by-name trick and the same codecs as the single cache.
+    dtype = TurboQuantKVCache.dtype
+    key_codec = TurboQuantKVCache.key_codec
+    value_codec = TurboQuantKVCache.value_codec
+
+    @property
+    def batch_size(self) -> int:
+        return self.left_padding.shape[0]
+
+    def _arrays(self):
+        return tuple(getattr(self, n) for n in _NAMES)
+
+    def _set(self, arrays):
+        for name, a in zip(_NAMES, arrays):
+            setattr(self, name, a)
+
+    def _take_format(self, other):
+        """Adopt ``other``'s head dims / dtype, or check they agree with ours."""
+        if other.k_dim is None:
+            return
+        if self.k_dim is None:
+            self.k_dim, self.v_dim, self._dtype = other.k_dim, other.v_dim, other._dtype
+        elif (self.k_dim, self.v_dim, self._dtype) != (other.k_dim, other.v_dim, other._dtype):
+            raise ValueError(
+                f"cannot combine caches with D_k={self.k_dim}, D_v={self.v_dim}, {self._dtype} "
+                f"and D_k={other.k_dim}, D_v={other.v_dim}, {other._dtype}"
+            )
+
+    def _check_same_scheme(self, other):
+        if other.scheme != self.scheme or other.layer_index != self.layer_index:
+            raise ValueError(
+                f"cannot combine a {other.scheme.name} cache of layer {other.layer_index} "
+                f"with a {self.scheme.name} cache of layer {self.layer_index}"
+            )
+
+    # -- the mlx-lm cache protocol ----------------------------------------------
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Compress and append ``keys`` ``[B, H_kv, L, D_k]`` and ``values`` ``[B, H_kv, L, D_v]``."""
+        B, n_kv_heads, L, k_dim = keys.shape
+        v_dim = values.shape[-1]
+        if B != self.batch_size:
+            raise ValueError(f"keys hold {B} rows, the batch cache {self.batch_size}")
+        if self.k_dim is None:
+            self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, keys.dtype
+        elif (k_dim, v_dim) != (self.k_dim, self.v_dim):
+            raise ValueError(
+                f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
+                f"got keys {keys.shape} and values {values.shape}"
+            )
+        if self.scheme.key_bits == 0:
+            new = (keys.astype(self.dtype), None)
+        else:
+            new = _encode(self.key_codec, keys)
+        new = tuple(new) + tuple(_encode(self.value_codec, values))
+
+        prev = self._idx
+        if self.keys is None or prev + L > self.values.shape[2]:
+            n_steps = (self.step + L - 1) // self.step
+            grown = []
+            for old, like in zip(self._arrays(), new):
+                if like is None:
+                    grown.append(None)
+                    continue
+                shape = list(like.shape)
+                shape[2] = n_steps * self.step
+                extra = mx.zeros(shape, like.dtype)
+                grown.append(extra if old is None else mx.concatenate([old[:, :, :prev], extra], 2))
+            self._set(grown)
+        self._idx += L
+        self.offset = self.offset + L
+        for name, x in zip(_NAMES, new):
+            if x is not None:
+                getattr(self, name)[:, :, prev : self._idx] = x
+        return (
+            CompressedKV(self, "keys", (B, n_kv_heads, self._idx, k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, self._idx, v_dim), self.dtype),
+        )
+
+    def keys_and_values(self):
+        """Handles on the cached keys and values (see ``TurboQuantKVCache.keys_and_values``)."""
+        B, n_kv_heads = self.values.shape[:2]
+        return (
+            CompressedKV(self, "keys", (B, n_kv_heads, self._idx, self.k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, self._idx, self.v_dim), self.dtype),
+        )
+
+    def attention_cache(self) -> TurboQuantKVCache:
+        """A single-cache view of all rows (``offset`` = the physical end ``_idx``),
+        sharing this cache's arrays: what ``turboquant_sdpa`` reads. Padding is
+        excluded by the mask from :meth:`make_mask`."""
+        view = TurboQuantKVCache.__new__(TurboQuantKVCache)
+        view.scheme, view.layer_index = self.scheme, self.layer_index
+        view.k_dim, view.v_dim, view._dtype = self.k_dim, self.v_dim, self._dtype
+        view.keys, view.key_norms, view.values, view.value_norms = self._arrays()
+        view.offset = self._idx
+        return view
+
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+        if left_padding is not None:
+            if self.keys is not None:
+                raise ValueError("left padding can only be added to an empty batch cache")
+            left_padding = mx.array(left_padding, dtype=mx.int32)
+            self.left_padding = self.left_padding + left_padding
+            self.offset = self.offset - left_padding
+        if right_padding is not None and max(right_padding) > 0:
+            self._right_padding = mx.array(right_padding, dtype=mx.int32)
+
+    def finalize(self):
+        """Turn the right padding of the last ``prepare`` into left padding."""
+        if self._right_padding is None:
+            return
+        padding = self._right_padding
+        if self.keys is not None:
+            self._set(
+                None if a is None else dynamic_roll(a, padding[:, None], axis=2)
+                for a in self._arrays()
+            )
+        self.offset = self.offset - padding
+        self.left_padding = self.left_padding + padding
+        self._right_padding = None
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, **kwargs)
+
+    def size(self):
+        return self._idx
+
+    def empty(self):
+        return self.keys is None
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self._idx, n)
+        self._idx -= n
+        self.offset = self.offset - n
+        return n
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self._arrays() if a is not None)
+
+    # -- batch operations -------------------------------------------------------
+
+    def filter(self, batch_indices):
+        """Keep only the rows ``batch_indices`` (in that order), in place."""
+        keep = _as_list(batch_indices, self.batch_size)
+        if not keep:
+            raise ValueError("filter needs at least one row to keep")
+        idx = mx.array(keep)
+        if self.keys is not None:
+            self._set(None if a is None else a[idx] for a in self._arrays())
+        self.offset = self.offset[idx]
+        self.left_padding = self.left_padding[idx]
+        # Drop the padding columns every kept row has (as BatchKVCache does).
+        shift = min(self.left_padding.tolist())
+        if shift > 0:
+            if self.keys is not None:
+                self._set(None if a is None else a[:, :, shift:] for a in self._arrays())
+            self._idx -= shift
+            self.left_padding = self.left_padding - shift
+
+    def extend(self, other: "BatchTurboQuantKVCache"):
+        """Append the rows of ``other``, in place, right-aligning both at the later end."""
+        if not isinstance(other, BatchTurboQuantKVCache):
+            raise ValueError(f"cannot extend a BatchTurboQuantKVCache with {type(other).__name__}")
+        self._check_same_scheme(other)
+        self._take_format(other)
+        if self.keys is None and other.keys is None:
+            self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
+            self.offset = mx.concatenate([self.offset, other.offset])
+            return
+        ref = self if self.keys is not None else other
+        max_idx = max(self._idx, other._idx)
+        max_size = max(c.values.shape[2] for c in (self, other) if c.values is not None)
+
+        def pad(c):
+            arrays = list(c._arrays())
+            if c.keys is None:
+                Bc = c.batch_size
+                arrays = [None if a is None else mx.zeros((Bc, a.shape[1], 0, *a.shape[3:]), a.dtype)
+                          for a in ref._arrays()]  # fmt: skip
+            left = max_idx - c._idx
+            right = max_size - arrays[2].shape[2] - left
+            out = []
+            for a in arrays:
+                if a is None:
+                    out.append(None)
+                    continue
+                if right < 0:
+                    a = a[:, :, :right]
+                if left or right > 0:
+                    widths = [(0, 0), (0, 0), (left, max(right, 0))] + [(0, 0)] * (a.ndim - 3)
+                    a = mx.pad(a, widths)
+                out.append(a)
+            return out, c.offset, c.left_padding + left
+
+        (a1, o1, p1), (a2, o2, p2) = pad(self), pad(other)
+        self._set(None if x is None else mx.concatenate([x, y]) for x, y in zip(a1, a2))
+        self.offset = mx.concatenate([o1, o2])
+        self.left_padding = mx.concatenate([p1, p2])
+        self._idx = max_idx
+
+    def extract(self, idx: int) -> TurboQuantKVCache:
+        """Row ``idx`` as a single compressed cache (its own copy, sized to its tokens)."""
+        (idx,) = _as_list([idx], self.batch_size)
+        cache = TurboQuantKVCache(self.scheme, self.layer_index)
+        cache.k_dim, cache.v_dim, cache._dtype = self.k_dim, self.v_dim, self._dtype
+        if self.keys is None:
+            return cache
+        start = self.left_padding.tolist()[idx]
+        cache.keys, cache.key_norms, cache.values, cache.value_norms = (
+            None if a is None else mx.contiguous(a[idx : idx + 1, :, start : self._idx])
+            for a in self._arrays()
+        )
+        cache.offset = self._idx - start
+        return cache
+
+    @classmethod
+    def merge(cls, caches) -> "BatchTurboQuantKVCache":
+        """One batch cache from single caches (``TurboQuantKVCache``, or plain ``KVCache``
+        whose contents are compressed here), right-aligned with left padding."""
+        caches = list(caches)
+        if not caches:
+            raise ValueError("merge needs at least one cache")
+        template = next((c for c in caches if isinstance(c, TurboQuantKVCache)), None)
+        if template is None:
+            raise ValueError("merge needs at least one TurboQuantKVCache to take the scheme from")
+        converted = []
+        for c in caches:
+            if isinstance(c, TurboQuantKVCache):
+                converted.append(c)
+            elif type(c) is KVCache:
+                converted.append(compress_kv_cache(c, template.scheme, template.layer_index))
+            else:
+                raise ValueError(
+                    f"cannot merge a {type(c).__name__} into a batch TurboQuant cache; "
+                    "only TurboQuantKVCache and KVCache"
+                )
+        lengths = [c.size() for c in converted]
+        max_length = max(lengths)
+        batch = cls(template.scheme, [max_length - n for n in lengths], template.layer_index)
+        for c in converted:
+            batch._check_same_scheme(c)
+            batch._take_format(c)
+        batch.offset = batch.offset + max_length
+        if max_length == 0:
+            return batch
+        B = len(converted)
+        filled = [c for c in converted if c.keys is not None and c.offset > 0]
+        like = filled[0].fetch()
+        arrays = [None if a is None else mx.zeros((B, a.shape[1], max_length, *a.shape[3:]), a.dtype)
+                  for a in like]  # fmt: skip
+        for i, c in enumerate(converted):
+            if c.keys is None or c.offset == 0:
+                continue
+            p = max_length - c.offset
+            for dst, src in zip(arrays, c.fetch()):
+                if dst is not None:
+                    dst[i : i + 1, :, p:] = src
+        batch._set(arrays)
+        batch._idx = max_length
+        return batch
+
+    # -- serialization ----------------------------------------------------------
+
+    @property
+    def state(self):
+        s = self.scheme
+        return self._arrays() + (
+            self.offset, self.left_padding, self._idx, s.name, s.key_bits, s.value_bits,
+            s.norm_correction, s.seed, self.layer_index, self.k_dim, self.v_dim, self._dtype,
+        )  # fmt: skip
+
+    @state.setter
+    def state(self, v):
+        v = list(v)
+        if len(v) != 16:
+            raise ValueError(f"BatchTurboQuantKVCache state holds 16 items, got {len(v)}")
+        arrays, (offset, left_padding, idx), scalars = v[:4], v[4:7], v[7:]
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise ValueError(f"_idx must be a non-negative int, got {idx!r}")
+        name, kb, vb, nc, seed, layer, k_dim, v_dim, dtype = scalars
+        # The single cache checks the scalars and the arrays of one row (offset = _idx).
+        single = TurboQuantKVCache.__new__(TurboQuantKVCache)
+        single._set_scalars((name, kb, vb, nc, seed, layer, idx, k_dim, v_dim, dtype))
+        arrays = [None if a is None or a.size == 0 else a for a in arrays]
+        if arrays[2] is not None:
+            row = [None if a is None else a[:1] for a in arrays]
+            single.keys, single.key_norms, single.values, single.value_norms = row
+            single._validate()
+        elif idx:
+            raise ValueError("BatchTurboQuantKVCache state has no values but claims tokens")
+        for field, a in (("offset", offset), ("left_padding", left_padding)):
+            if not isinstance(a, mx.array) or a.ndim != 1:
+                raise ValueError(f"{field} must be a 1-d array")
+        B = left_padding.shape[0]
+        if offset.shape[0] != B or (arrays[2] is not None and any(
+                a is not None and a.shape[0] != B for a in arrays)):  # fmt: skip
+            raise ValueError(f"batch arrays disagree on the number of rows ({B})")
+        pads = left_padding.tolist()
+        if any(not 0 <= p <= idx for p in pads):
+            raise ValueError(f"left_padding {pads} must lie in [0, {idx}]")
+        self.scheme, self.layer_index = single.scheme, single.layer_index
+        self.k_dim, self.v_dim, self._dtype = single.k_dim, single.v_dim, single._dtype
+        self._set(arrays)
+        self.offset, self.left_padding = offset.astype(mx.int32), left_padding.astype(mx.int32)
+        self._idx = idx
+        self._right_padding = None
+
+    @classmethod
+    def from_state(cls, state, meta_state=None):
+        if meta_state is not None:
+            raise ValueError("BatchTurboQuantKVCache keeps its scalars in state, not meta_state")
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+
+
+def compress_kv_cache(cache: KVCache, scheme, layer_index: int = 0) -> TurboQuantKVCache:
+    """A ``TurboQuantKVCache`` holding the compressed contents of a plain ``KVCache``."""
+    out = TurboQuantKVCache(parse_scheme(scheme) if isinstance(scheme, str) else scheme,
+                            layer_index)  # fmt: skip
+    if cache.keys is not None and cache.offset > 0:
+        if not 0 < cache.keys.shape[-1] <= MAX_HEAD_DIM:
+            raise ValueError(f"KVCache head dim {cache.keys.shape[-1]} is not supported")
+        out.update_and_fetch(cache.keys[:, :, : cache.offset], cache.values[:, :, : cache.offset])
+    return out
+
+
+__all__ = ["BatchTurboQuantKVCache", "compress_kv_cache"]
