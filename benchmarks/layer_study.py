@@ -4,8 +4,9 @@ tq-llama-8k, over several windows of the validation ids.
     python benchmarks/layer_study.py --out benchmarks/results/layer_study.json \
         turbo4@all turbo4@!-1 turbo4@!0 turbo4@1:-1 turbo4-nonc@all turbo3@all turbo0v4@all
 
-Each config is SCHEME@LAYERS; a "-nonc" suffix turns norm correction off.
-Prints a markdown table and writes JSON.
+Each config is SCHEME@LAYERS (a "-nonc" suffix turns norm correction off), or a
+comma-separated list with one scheme per layer ("fp16" keeps a layer uncompressed), e.g.
+turbo4,turbo4,turbo4,turbo4,turbo4,turbo8v4. Prints a markdown table and writes JSON.
 """
 
 import argparse
@@ -34,6 +35,8 @@ def main():
 
     import mlx_lm_turboquant as tq
     from mlx_lm_turboquant.config import KVScheme
+    from mlx_lm.models.cache import KVCache
+
     from mlx_lm_turboquant.eval.kld import reference_run, teacher_forced_kl
 
     tq.activate()
@@ -46,11 +49,22 @@ def main():
 
     rows = []
     for config in tqdm(args.configs, desc="configs"):
-        name, _, layers = config.partition("@")
-        base = tq.parse_scheme(name.removesuffix("-nonc"))
-        scheme = KVScheme(base.name, base.key_bits, base.value_bits, norm_correction=not name.endswith("-nonc"))
+        if "," in config and "@" not in config:
+            per_layer = config.split(",")
+            if len(per_layer) != len(model.layers):
+                raise ValueError(f"{config!r} names {len(per_layer)} layers; the model has {len(model.layers)}")
+            cache = lambda: [KVCache() if s == "fp16" else tq.TurboQuantKVCache(s, i)  # noqa: E731
+                             for i, s in enumerate(per_layer)]  # fmt: skip
+            scheme, layers = None, None
+        else:
+            name, _, layers = config.partition("@")
+            base = tq.parse_scheme(name.removesuffix("-nonc"))
+            nc = not name.endswith("-nonc")
+            scheme = KVScheme(base.name, base.key_bits, base.value_bits, norm_correction=nc)
+            cache = None
         results = [
-            teacher_forced_kl(model, ids[o:], scheme, layers or None, args.prefill, args.steps, reference=r)
+            teacher_forced_kl(model, ids[o:], scheme, layers or None, args.prefill, args.steps,
+                              reference=r, cache=cache() if cache else None)  # fmt: skip
             for o, r in zip(offsets, refs)
         ]
         rows.append({

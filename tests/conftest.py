@@ -5,6 +5,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+# Third-party scheme plugins (entry points) are never loaded under tests.
+os.environ.setdefault("MLX_TQ_NO_PLUGINS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MLX_TQ_SHARED", ROOT.parent / "shared"))
 TEST_MODEL = SHARED / "models" / "tq-llama-8k"

@@ -75,16 +75,18 @@ def reference_run(model, ids, prefill=768, steps=256):
     return logprobs, cache
 
 
-def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256, reference=None) -> KLResult:
+def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256, reference=None,
+                      cache=None) -> KLResult:  # fmt: skip
     """KL(reference || compressed) per decode step, top-1 agreement and perplexities.
 
     Args:
         ids: 1-D int array with at least ``prefill + steps + 1`` tokens.
         reference: the result of :func:`reference_run` for the same ids, to reuse.
+        cache: a ready cache list to evaluate instead of ``make_prompt_cache(model, scheme, layers)``.
     """
     ids = np.asarray(ids)
     ref, ref_cache = reference or reference_run(model, ids, prefill, steps)
-    tq_cache = make_prompt_cache(model, scheme, layers=layers)
+    tq_cache = cache if cache is not None else make_prompt_cache(model, scheme, layers=layers)
     tq = _step_logprobs(model, ids, tq_cache, prefill, steps)
     kl = (mx.exp(ref) * (ref - tq)).sum(axis=-1)
     targets = mx.array(ids[prefill + 1 : prefill + steps + 1])
@@ -93,7 +95,7 @@ def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256, r
     agree = (ref.argmax(-1) == tq.argmax(-1)).astype(mx.float32).mean()
     kl = np.array(kl)
     return KLResult(
-        scheme=str(getattr(scheme, "name", scheme)),
+        scheme=str(getattr(scheme, "name", scheme)) if cache is None else "custom",
         layers=str(layers if layers is not None else "default"),
         prefill=prefill,
         steps=steps,
