@@ -130,7 +130,7 @@ def stream(port, prompt, max_tokens):
                 text.append(choice.get("text", ""))
                 finish = choice.get("finish_reason") or finish
     if not done or finish is None or tokens is None:
-        raise RuntimeError(f"stream ended without [DONE], finish reason or usage ({done}, {finish})")
+        raise RuntimeError(f"stream ended early ([DONE] {done}, finish reason {finish})")
     return "".join(text), tokens, finish
 
 
@@ -200,7 +200,7 @@ def main():
             "peak_rss_before_load_mib", "peak_rss_mib", "rss_first_half_max_mib",
             "rss_second_half_max_mib"]  # fmt: skip
     print(f"{args.clients} streaming clients x {args.duration:.0f} s, max_tokens "
-          f"{args.max_tokens}, model {Path(args.model).name}; server logs in {log_dir}")  # fmt: skip
+          f"{args.max_tokens}, model {Path(args.model).name}; logs in {log_dir}")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

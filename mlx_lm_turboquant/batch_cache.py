@@ -113,7 +113,8 @@ class BatchTurboQuantKVCache(_BaseCache):
     # -- the mlx-lm cache protocol ----------------------------------------------
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Compress and append ``keys`` ``[B, H_kv, L, D_k]`` and ``values`` ``[B, H_kv, L, D_v]``."""
+        """Compress and append ``keys`` ``[B, H_kv, L, D_k]`` and ``values``
+        ``[B, H_kv, L, D_v]`` at the physical end of every row."""
         B, n_kv_heads, L, k_dim = keys.shape
         v_dim = values.shape[-1]
         if B != self.batch_size:
@@ -257,8 +258,10 @@ class BatchTurboQuantKVCache(_BaseCache):
             arrays = list(c._arrays())
             if c.keys is None:
                 Bc = c.batch_size
-                arrays = [None if a is None else mx.zeros((Bc, a.shape[1], 0, *a.shape[3:]), a.dtype)
-                          for a in ref._arrays()]  # fmt: skip
+                arrays = [
+                    None if a is None else mx.zeros((Bc, a.shape[1], 0, *a.shape[3:]), a.dtype)
+                    for a in ref._arrays()
+                ]
             left = max_idx - c._idx
             right = max_size - arrays[2].shape[2] - left
             out = []
@@ -328,8 +331,10 @@ class BatchTurboQuantKVCache(_BaseCache):
         B = len(converted)
         filled = [c for c in converted if c.keys is not None and c.offset > 0]
         like = filled[0].fetch()
-        arrays = [None if a is None else mx.zeros((B, a.shape[1], max_length, *a.shape[3:]), a.dtype)
-                  for a in like]  # fmt: skip
+        arrays = [
+            None if a is None else mx.zeros((B, a.shape[1], max_length, *a.shape[3:]), a.dtype)
+            for a in like
+        ]
         for i, c in enumerate(converted):
             if c.keys is None or c.offset == 0:
                 continue

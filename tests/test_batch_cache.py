@@ -139,15 +139,48 @@ def test_state_round_trips_through_prompt_cache_files(tmp_path, patched):
         BatchTurboQuantKVCache.from_state(state)
 
 
-def test_attention_on_a_padded_batch_matches_each_row_alone():
-    caches = [single(n, seed=20 + n) for n in (7, 3, 12)]
+def _padded_step(L, seed=20):
+    """Three single caches of different lengths merged, then L new tokens per row, as a
+    model runs it (mask made before the update). Returns the batch, the singles updated
+    alike, the queries and the mask."""
+    caches = [single(n, seed=seed + n) for n in (7, 3, 12)]
     batch = TurboQuantKVCache.merge(caches)
-    q = mx.array(np.random.default_rng(0).standard_normal((3, 4, 1, D)).astype(np.float32))
-    mask = batch.make_mask(1)
-    out = turboquant_sdpa(q, batch.attention_cache(), D**-0.5, mask=mask)
+    mask = batch.make_mask(L)
+    k, v = kv(3, L, seed=seed)
+    batch.update_and_fetch(k, v)
     for i, c in enumerate(caches):
-        alone = turboquant_sdpa(q[i : i + 1], c, D**-0.5, mask=None)
-        np.testing.assert_allclose(np.array(out[i : i + 1]), np.array(alone), rtol=1e-5, atol=1e-6)
+        c.update_and_fetch(k[i : i + 1], v[i : i + 1])
+    q = mx.array(np.random.default_rng(seed).standard_normal((3, 4, L, D)).astype(np.float32))
+    return batch, caches, q, mask
+
+
+def _rows_match_alone(out, caches, q):
+    for i, c in enumerate(caches):
+        alone = turboquant_sdpa(q[i : i + 1], c, D**-0.5, mask="causal")
+        np.testing.assert_allclose(np.array(out[i : i + 1]), np.array(alone), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("L", [1, 4])
+def test_attention_on_a_padded_batch_matches_each_row_alone(L):
+    batch, caches, q, mask = _padded_step(L)
+    assert mask.shape == (3, 1, L, batch.size())
+    _rows_match_alone(turboquant_sdpa(q, batch.attention_cache(), D**-0.5, mask=mask), caches, q)
+
+
+@pytest.mark.parametrize("L", [1, 4])
+def test_fused_cuda_kernel_on_a_padded_batch(L):
+    """The CUDA kernel's body, run on the CPU by the kernel emulator, reads a padded batch
+    (full-capacity buffers, a [B, 1, L, T] mask) like each row alone."""
+    emu = pytest.importorskip("kernel_emulator")
+    if not emu.available():
+        pytest.skip("the kernel emulator needs g++")
+    from mlx_lm_turboquant.kernels import cuda, launch
+
+    batch, caches, q, mask = _padded_step(L)
+    out = launch.decode_attention(emu.kernel, cuda.SHARED_BYTES, q, batch.attention_cache(),
+                                  D**-0.5, mask, None)  # fmt: skip
+    assert out is not None, "the kernel declined a padded batch"
+    _rows_match_alone(out, caches, q)
 
 
 # -- the same operations on BatchKVCache and BatchTurboQuantKVCache -----------------
@@ -176,7 +209,9 @@ def _rows_close(tq_row, fp_row):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=4), ops=OPS, seed=st.integers(0, 99))
+@given(
+    lengths=st.lists(st.integers(0, 9), min_size=1, max_size=4), ops=OPS, seed=st.integers(0, 99)
+)
 def test_batch_cache_moves_like_batch_kv_cache(lengths, ops, seed):
     rng = np.random.default_rng(seed)
 

@@ -10,7 +10,6 @@ layer is compressed and the plan states why. A crash fails the test.
 import importlib
 import pkgutil
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -62,7 +61,8 @@ SMALL = dict(
     cla_share_factor=1, use_mixed_mlp_moe=False, num_kv_reuse_layers=0, zero_expert_num=0,
     zero_expert_type="identity", attention_method="MLA", mla_scale_q_lora=True,
     mla_scale_kv_lora=True, layer_group_size=2, group_norm_size=1, use_expert_bias=False,
-    num_dense_layers=1, is_moe_layer=[False, True, False, True], kv_channels=16, swa_num_attention_heads=4,
+    num_dense_layers=1, is_moe_layer=[False, True, False, True], kv_channels=16,
+    swa_num_attention_heads=4,
     swa_num_key_value_heads=2, swa_head_dim=16, swa_v_head_dim=16,
     add_swa_attention_sink_bias=True, add_full_attention_sink_bias=False,
     hybrid_layer_pattern=[1, 0, 1, 0], attn_layer_offset=1, attn_layer_period=2,
@@ -227,7 +227,9 @@ def run(model_type):
         c = cache[i]
         assert isinstance(c, TurboQuantKVCache)
         if c.offset != total:
-            raise AssertionError(f"{model_type}: compressed layer {i} holds {c.offset} of {total} tokens")
+            raise AssertionError(
+                f"{model_type}: compressed layer {i} holds {c.offset} of {total} tokens"
+            )
     return plan
 
 

@@ -38,7 +38,9 @@ PROMPTS = [
     "A list of prime numbers: 2, 3, 5, 7, 11,",
     "The history of the city begins in the year",
 ]
-LONG = "\n".join(f"    def method_{i}(self, x):\n        return x * {i} + self.offset" for i in range(24))
+LONG = "\n".join(
+    f"    def method_{i}(self, x):\n        return x * {i} + self.offset" for i in range(24)
+)
 MAX_TOKENS = 12
 
 
