@@ -167,8 +167,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         """A single-cache view of all rows (``offset`` = the physical end ``_idx``),
         sharing this cache's arrays: what ``turboquant_sdpa`` reads. Padding is
         excluded by the mask from :meth:`make_mask`."""
-        view = TurboQuantKVCache.__new__(TurboQuantKVCache)
-        view.scheme, view.layer_index = self.scheme, self.layer_index
+        view = TurboQuantKVCache(self.scheme, self.layer_index)  # every default attribute
         view.k_dim, view.v_dim, view._dtype = self.k_dim, self.v_dim, self._dtype
         view.keys, view.key_norms, view.values, view.value_norms = self._arrays()
         view.offset = self._idx
