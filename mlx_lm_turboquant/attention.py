@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
+from . import kernels
 from .kernels.reference import reference_sdpa
 
 
@@ -35,4 +36,7 @@ def turboquant_sdpa(
         raise ValueError("turboquant_sdpa needs a cache holding at least one token")
     if queries.shape[-1] != cache.k_dim:
         raise ValueError(f"queries have D={queries.shape[-1]}, the cache's keys D={cache.k_dim}")
-    return reference_sdpa(queries, cache, scale, mask=mask, sinks=sinks)
+    out = kernels.run("decode_attention", queries, cache, scale, mask=mask, sinks=sinks)
+    if out is None:
+        out = reference_sdpa(queries, cache, scale, mask=mask, sinks=sinks)
+    return out

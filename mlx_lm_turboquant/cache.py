@@ -6,12 +6,14 @@ Attention reads the packed data directly (see ``attention.turboquant_sdpa``); th
 arrays returned by ``update_and_fetch`` are only handles that describe the cache.
 """
 
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
+from . import kernels
 from .codec import get_codec
 from .codec.packing import packed_words
 from .config import KVScheme, parse_scheme
@@ -31,6 +33,7 @@ _STATE_FIELDS = (
 )  # fmt: skip
 
 
+@lru_cache(maxsize=None)  # looked up for every layer at every decode step
 def layer_seed(base_seed: int, layer_index: int, kind: int) -> int:
     """A rotation seed per (layer, keys=0 / values=1), stable across runs and platforms."""
     return int(np.random.SeedSequence([base_seed, layer_index, kind]).generate_state(1)[0])
@@ -126,9 +129,11 @@ class TurboQuantKVCache(_BaseCache):
             )
         if self.scheme.key_bits == 0:
             new_keys, new_key_norms = keys.astype(self.dtype), None
+            new_values, new_value_norms = kernels.encode(self.value_codec, values)
         else:
-            new_keys, new_key_norms = self.key_codec.encode(keys)
-        new_values, new_value_norms = self.value_codec.encode(values)
+            new_keys, new_key_norms, new_values, new_value_norms = kernels.encode_kv(
+                self.key_codec, keys, self.value_codec, values
+            )
 
         prev = self.offset
         if self.keys is None or prev + L > self.keys.shape[2]:

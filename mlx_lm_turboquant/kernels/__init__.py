@@ -1,1 +1,132 @@
-"""Attention and encode ops on the packed cache: pure-MLX twins here, fused kernels per backend."""
+"""Attention and encode ops on the packed cache: pure-MLX twins in ``reference.py``, fused
+kernels per backend in ``cuda.py`` and ``metal.py`` (same op names in each).
+
+Dispatch rule, one place for every op:
+  * ``MLX_TQ_KERNELS`` = ``auto`` (default: the backend mlx runs on), ``reference`` (never a
+    fused kernel), ``cuda`` or ``metal`` (that backend if mlx has it, else the reference).
+  * Shapes a kernel does not cover (e.g. prefill with more than 8 queries, head dims not a
+    multiple of 32) take the pure-MLX path silently: that is by design, not a failure.
+  * A kernel that fails to build or run is switched off for the process and the op takes the
+    pure-MLX path, with exactly one ``RuntimeWarning`` per (backend, op). mlx builds a kernel
+    lazily, so the first call of each kernel configuration is evaluated eagerly inside the
+    guard; later calls stay lazy.
+"""
+
+import importlib
+import os
+import warnings
+
+import mlx.core as mx
+
+ENV = "MLX_TQ_KERNELS"
+CHOICES = ("auto", "reference", "cuda", "metal")
+BACKENDS = ("cuda", "metal")
+OPS = ("decode_attention", "encode", "encode_kv")
+
+_disabled = set()  # (backend, op) that failed once
+_checked = set()  # (backend, op, configuration) already run eagerly once
+
+
+def choice() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV}={value!r}; allowed: {', '.join(CHOICES)}")
+    return value
+
+
+def backend_module(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+_resolved = {}  # MLX_TQ_KERNELS value -> backend module or None (decode calls this per layer)
+
+
+def active_backend():
+    """The backend module whose kernels run now, or None for the pure-MLX path."""
+    want = choice()
+    if want not in _resolved:
+        _resolved[want] = None
+        if want != "reference":
+            for name in BACKENDS if want == "auto" else (want,):
+                module = backend_module(name)
+                if module.available():
+                    _resolved[want] = module
+                    break
+    return _resolved[want]
+
+
+def get_op(op: str):
+    """The fused implementation of ``op`` for the active backend, or None."""
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; allowed: {', '.join(OPS)}")
+    module = active_backend()
+    if module is None or (module.NAME, op) in _disabled:
+        return None
+    return getattr(module, op)
+
+
+def _config_key(args):
+    """What decides the compiled kernel: shapes and dtypes of array arguments (a mask's
+    length, which grows every step, left out), the cache's format, other values."""
+    parts = []
+    for a in args:
+        if isinstance(a, mx.array):
+            parts.append((tuple(a.shape[:-1]), a.shape[-1] == 1, str(a.dtype)))
+        elif hasattr(a, "scheme"):  # a cache: its format, not its length
+            parts.append((a.scheme.name, a.k_dim, a.v_dim, str(a.dtype), a.values.shape[1]))
+        elif hasattr(a, "bits"):  # a codec
+            parts.append((a.dim, a.bits, a.norm_correction))
+        elif isinstance(a, (str, type(None), int, float, bool)):
+            parts.append(a)
+        else:
+            parts.append(type(a).__name__)
+    return tuple(parts)
+
+
+def run(op: str, *args, **kwargs):
+    """Run the fused ``op`` and return its result, or None where the caller should take the
+    pure-MLX path (no backend, shapes not covered, or the kernel failed: one warning)."""
+    fn = get_op(op)
+    if fn is None:
+        return None
+    backend = active_backend().NAME
+    key = (backend, op, _config_key(args + tuple(kwargs.values())))
+    try:
+        result = fn(*args, **kwargs)
+        if result is not None and key not in _checked:
+            mx.eval(result)
+            _checked.add(key)
+        return result
+    except Exception as err:  # a build or launch failure on this machine
+        _disabled.add((backend, op))
+        warnings.warn(
+            f"mlx-lm-turboquant: the {backend} '{op}' kernel failed ({type(err).__name__}: "
+            f"{err}); using the pure-MLX path from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def reset():
+    """Forget failures and checked configurations (tests, or after changing ``MLX_TQ_KERNELS``)."""
+    _disabled.clear()
+    _checked.clear()
+    _resolved.clear()
+
+
+def encode(codec, x):
+    """``codec.encode(x)`` through the fused kernel where one runs, else its pure twin."""
+    out = run("encode", codec, x)
+    return codec.encode(x) if out is None else out
+
+
+def encode_kv(key_codec, keys, value_codec, values):
+    """``(*key_codec.encode(keys), *value_codec.encode(values))`` in one fused launch where
+    one runs, else through :func:`encode` for each."""
+    out = run("encode_kv", key_codec, keys, value_codec, values)
+    if out is None:
+        return (*encode(key_codec, keys), *encode(value_codec, values))
+    return out

@@ -1,0 +1,85 @@
+"""CUDA kernels through ``mx.fast.cuda_kernel``: the bodies of ``source.py`` with the
+CUDA spelling of their portability macros. Same op names as ``metal.py``."""
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import launch
+from .source import OPS
+
+NAME = "cuda"
+
+# Prepended to every body; mlx's own header (device utils, cooperative groups) comes first.
+HEADER = r"""
+#define TQ_SHARED __shared__
+#define TQ_SHARED_PTR(T) T*
+#define TQ_BARRIER() __syncthreads()
+#define TQ_UNROLL _Pragma("unroll")
+#define TQ_UNROLL8 _Pragma("unroll 8")
+#define TQ_INF __int_as_float(0x7f800000)
+#define TQ_HALF_TO_FLOAT(h) __half2float(h)
+#define TQ_TO_HALF(x) __float2half(x)
+
+__device__ __forceinline__ float tq_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ float tq_exp(float x) { return expf(x); }
+__device__ __forceinline__ float tq_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ float tq_as_float(int bits) { return __int_as_float(bits); }
+__device__ __forceinline__ float tq_half_bits(uint32_t h) {
+  return __half2float(__ushort_as_half((unsigned short)h));
+}
+__device__ __forceinline__ float tq_bf16_bits(uint32_t h) { return __uint_as_float(h << 16); }
+__device__ __forceinline__ float tq_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+__device__ __forceinline__ float tq_warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  }
+  return v;
+}
+"""
+
+PRELUDE = r"""
+  const int tq_tid = threadIdx.x;
+  const int tq_bx = blockIdx.x;
+  const int tq_by = blockIdx.y;
+  (void)tq_by;
+"""
+
+# Static shared memory a block may use without opting in to more.
+SHARED_BYTES = 48 * 1024
+
+
+def available() -> bool:
+    return mx.cuda.is_available()
+
+
+@lru_cache(maxsize=None)
+def kernel(op: str):
+    """The ``mx.fast.cuda_kernel`` for ``op`` (a key of ``source.OPS``), or None without CUDA."""
+    if not available():
+        return None
+    body, inputs, outputs = OPS[op]
+    return mx.fast.cuda_kernel(
+        name=f"turboquant_{op}",
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=PRELUDE + body,
+        header=HEADER,
+    )
+
+
+def decode_attention(queries, cache, scale, mask=None, sinks=None):
+    return launch.decode_attention(kernel, SHARED_BYTES, queries, cache, scale, mask, sinks)
+
+
+def encode(codec, x):
+    return launch.encode(kernel, codec, x)
+
+
+def encode_kv(key_codec, keys, value_codec, values):
+    return launch.encode_kv(kernel, key_codec, keys, value_codec, values)

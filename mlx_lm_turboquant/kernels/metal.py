@@ -1,0 +1,77 @@
+"""Metal kernels through ``mx.fast.metal_kernel``: the bodies of ``source.py`` with the
+Metal spelling of their portability macros (a simdgroup of 32 is a CUDA warp of 32).
+Same op names as ``cuda.py``."""
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import launch
+from .source import OPS
+
+NAME = "metal"
+
+# Prepended to every body, after mlx's own Metal utilities.
+HEADER = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+#define TQ_SHARED threadgroup
+#define TQ_SHARED_PTR(T) threadgroup T*
+#define TQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define TQ_UNROLL _Pragma("clang loop unroll(full)")
+#define TQ_UNROLL8 _Pragma("clang loop unroll_count(8)")
+#define TQ_INF INFINITY
+#define TQ_HALF_TO_FLOAT(h) static_cast<float>(h)
+#define TQ_TO_HALF(x) static_cast<half>(x)
+
+inline float tq_max(float a, float b) { return metal::max(a, b); }
+inline float tq_exp(float x) { return metal::exp(x); }
+inline float tq_sqrt(float x) { return metal::sqrt(x); }
+inline float tq_as_float(int bits) { return as_type<float>(bits); }
+inline float tq_half_bits(uint32_t h) { return static_cast<float>(as_type<half>(ushort(h))); }
+inline float tq_bf16_bits(uint32_t h) { return as_type<float>(h << 16); }
+inline float tq_warp_sum(float v) { return simd_sum(v); }
+inline float tq_warp_max(float v) { return simd_max(v); }
+"""
+
+PRELUDE = r"""
+  const int tq_tid = thread_position_in_threadgroup.x;
+  const int tq_bx = threadgroup_position_in_grid.x;
+  const int tq_by = threadgroup_position_in_grid.y;
+  (void)tq_by;
+"""
+
+# Apple GPUs give a threadgroup 32 KiB.
+SHARED_BYTES = 32 * 1024
+
+
+def available() -> bool:
+    return mx.metal.is_available()
+
+
+@lru_cache(maxsize=None)
+def kernel(op: str):
+    """The ``mx.fast.metal_kernel`` for ``op`` (a key of ``source.OPS``), or None without Metal."""
+    if not available():
+        return None
+    body, inputs, outputs = OPS[op]
+    return mx.fast.metal_kernel(
+        name=f"turboquant_{op}",
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=PRELUDE + body,
+        header=HEADER,
+    )
+
+
+def decode_attention(queries, cache, scale, mask=None, sinks=None):
+    return launch.decode_attention(kernel, SHARED_BYTES, queries, cache, scale, mask, sinks)
+
+
+def encode(codec, x):
+    return launch.encode(kernel, codec, x)
+
+
+def encode_kv(key_codec, keys, value_codec, values):
+    return launch.encode_kv(kernel, key_codec, keys, value_codec, values)

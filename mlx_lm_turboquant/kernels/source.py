@@ -1,0 +1,473 @@
+"""Kernel bodies shared by the CUDA and Metal backends.
+
+Each body is written once against a handful of portability macros (``TQ_SHARED``,
+``TQ_BARRIER``, ``tq_warp_sum``, ...) that ``cuda.py`` and ``metal.py`` define in their
+headers, so both backends run the same algorithm with the same structure: a Metal
+simdgroup of 32 threads plays the role of a CUDA warp of 32. A backend prepends a
+two-line prelude that names its thread/block indices (mlx declares the Metal built-ins a
+body mentions by scanning its text, so those names must appear in the body itself).
+
+Storage layout read and written here is the one of ``codec/packing.py``: code ``j`` of a
+vector sits at bits ``[j * BITS, (j + 1) * BITS)`` of a little-endian stream of uint32
+words, so with 3 bits a code may straddle two words. Every kernel requires D % 32 == 0,
+which makes each group of 32 coordinates start on a word boundary.
+"""
+
+# Decode attention, pass 1 (flash-decoding). One block per (batch * KV head, token span):
+# the R = n_rep * L query rows of that KV head share each read of its packed keys and
+# values (GQA). Tiles of TILE tokens are staged in shared memory with coalesced loads;
+# scores are computed one thread per token (the query sits in shared memory, or is read
+# through the cache when too large), then an online softmax per row, then the values are
+# accumulated one thread per coordinate. Writes unnormalized partial outputs and their
+# (max, sum) for the reduce pass.
+#
+# Templates: D, R, L, NREP, NT (threads), TILE (tokens per tile <= NT), KBITS (2/3/4/8, or
+# 16 for float keys with KEY_BF16 choosing the format), WK / WV (words per vector), VBITS,
+# CPT (value coordinates per thread), TPC (threads per value coordinate), Q_SH (query in
+# shared memory), PREP_Q (the block scales and rotates the raw query itself, saving the
+# launches of a separate pass; needs Q_SH), SCALE_BITS (the float32 bits of the scale),
+# QT (the query dtype), MASK_MODE (0 none, 1 causal, 2 additive array
+# [MB?B:1, MH?H_q:1, ML?L:1, T]). meta = [T, capacity, span, n_splits, n_kv_heads].
+# rot is the key rotation's matrix [D, D] (unused for float keys). Shared rows that are read
+# four at a time (query, weights) are float4 arrays when R % 4 == 0.
+ATTENTION = r"""
+  constexpr int NWARPS = NT / 32;
+  constexpr int WPC = KBITS < 16 ? KBITS : 16;  // words per 32 key coordinates
+  constexpr int KMASK = KBITS < 16 ? (1 << KBITS) - 1 : 0xFFFF;
+  constexpr int VMASK = (1 << VBITS) - 1;
+  constexpr int NKC = KBITS < 16 ? (1 << KBITS) : 1;
+  constexpr int KSTRIDE = WK | 1;  // odd row stride: one thread per token, no bank conflicts
+  constexpr int PSZ = TPC > 1 ? NT : TILE;
+  constexpr int QSZ = Q_SH ? D * R : 4;
+  constexpr bool VEC4 = R % 4 == 0;
+  constexpr float NEG = -1e30f;  // a masked score, as in the reference path
+
+  TQ_SHARED float4 q_sh4[QSZ / 4];  // [D][R]
+  TQ_SHARED uint32_t k_sh[TILE * KSTRIDE];
+  TQ_SHARED uint32_t v_sh[TILE * WV];
+  TQ_SHARED float4 p_sh4[(R * PSZ + 3) / 4];  // [token][R]: scores, then p * value_norm
+  TQ_SHARED_PTR(float) q_sh = (TQ_SHARED_PTR(float))q_sh4;
+  TQ_SHARED_PTR(float) p_sh = (TQ_SHARED_PTR(float))p_sh4;
+  TQ_SHARED float kc_sh[NKC];
+  TQ_SHARED float vc_sh[1 << VBITS];
+  TQ_SHARED float m_sh[R];
+  TQ_SHARED float l_sh[R];
+  TQ_SHARED float a_sh[R];
+
+  const int lane = tq_tid & 31;
+  const int warp = tq_tid >> 5;
+  const int T = meta[0];
+  const int cap = meta[1];
+  const int span = meta[2];
+  const int n_splits = meta[3];
+  const int n_kv_heads = meta[4];
+  const int split = tq_bx;
+  const int bh = tq_by;
+  const int b = bh / n_kv_heads;
+  const int kvh = bh - b * n_kv_heads;
+  const int t_begin = split * span;
+  const int t_end = t_begin + span < T ? t_begin + span : T;
+  const int64_t tok0 = (int64_t)bh * cap;
+
+  if (Q_SH) {
+    // q is [B * H_kv, R, D]: raw queries (PREP_Q) or already scaled and rotated float32.
+    const float scale = PREP_Q ? tq_as_float(SCALE_BITS) : 1.0f;
+    for (int i = tq_tid; i < D * R; i += NT) {
+      const int r = i / D;
+      q_sh[(i - r * D) * R + r] = static_cast<float>(q[(int64_t)bh * R * D + i]) * scale;
+    }
+    if (PREP_Q && KBITS < 16) {
+      // Rotate in place: one rotation column per thread, all rows at once, so each matrix
+      // element is loaded once per block and the loads are independent (no latency chain).
+      constexpr int EPT = (D + NT - 1) / NT;
+      float qr[EPT * R];
+      TQ_UNROLL for (int i = 0; i < EPT * R; ++i) {
+        qr[i] = 0.0f;
+      }
+      TQ_BARRIER();
+      TQ_UNROLL8 for (int j = 0; j < D; ++j) {
+        TQ_UNROLL for (int k = 0; k < EPT; ++k) {
+          const int e = tq_tid + k * NT;
+          const float m = e < D ? rot[j * D + e] : 0.0f;
+          TQ_UNROLL for (int r = 0; r < R; ++r) {
+            qr[k * R + r] += q_sh[j * R + r] * m;
+          }
+        }
+      }
+      TQ_BARRIER();
+      TQ_UNROLL for (int k = 0; k < EPT; ++k) {
+        const int e = tq_tid + k * NT;
+        if (e < D) {
+          TQ_UNROLL for (int r = 0; r < R; ++r) {
+            q_sh[e * R + r] = qr[k * R + r];
+          }
+        }
+      }
+    }
+  }
+  for (int i = tq_tid; i < NKC; i += NT) {
+    kc_sh[i] = kcent[i];
+  }
+  for (int i = tq_tid; i < (1 << VBITS); i += NT) {
+    vc_sh[i] = vcent[i];
+  }
+  if (tq_tid < R) {
+    m_sh[tq_tid] = -TQ_INF;
+    l_sh[tq_tid] = 0.0f;
+  }
+
+  // Value coordinates of this thread: d_k = tq_tid % G + k * G; token copy tq_tid / G.
+  constexpr int G = NT / TPC;
+  const int vcopy = tq_tid / G;
+  int vword[CPT];
+  int vshift[CPT];
+  float acc[R * CPT];
+  TQ_UNROLL for (int k = 0; k < CPT; ++k) {
+    const int bit = (tq_tid % G + k * G) * VBITS;
+    vword[k] = bit >> 5;
+    vshift[k] = bit & 31;
+  }
+  TQ_UNROLL for (int i = 0; i < R * CPT; ++i) {
+    acc[i] = 0.0f;
+  }
+
+  // The next tile's packed words wait in registers while this tile is computed, so the
+  // memory latency overlaps the arithmetic (same scheme on both backends, no async copies).
+  constexpr int PK = (TILE * WK + NT - 1) / NT;
+  constexpr int PV = (TILE * WV + NT - 1) / NT;
+  uint32_t pk[PK];
+  uint32_t pv[PV];
+  {
+    const int n0 = t_end - t_begin < TILE ? t_end - t_begin : TILE;
+    TQ_UNROLL for (int u = 0; u < PK; ++u) {
+      const int i = tq_tid + u * NT;
+      pk[u] = i < n0 * WK ? keys[(tok0 + t_begin) * WK + i] : 0u;
+    }
+    TQ_UNROLL for (int u = 0; u < PV; ++u) {
+      const int i = tq_tid + u * NT;
+      pv[u] = i < n0 * WV ? values[(tok0 + t_begin) * WV + i] : 0u;
+    }
+  }
+
+  for (int t0 = t_begin; t0 < t_end; t0 += TILE) {
+    const int n = t_end - t0 < TILE ? t_end - t0 : TILE;
+    TQ_BARRIER();  // the previous tile's readers are done
+    TQ_UNROLL for (int u = 0; u < PK; ++u) {
+      const int i = tq_tid + u * NT;
+      if (i < n * WK) {
+        const int tt = i / WK;
+        k_sh[tt * KSTRIDE + (i - tt * WK)] = pk[u];
+      }
+    }
+    TQ_UNROLL for (int u = 0; u < PV; ++u) {
+      const int i = tq_tid + u * NT;
+      if (i < n * WV) {
+        v_sh[i] = pv[u];
+      }
+    }
+    const int t1 = t0 + TILE;
+    if (t1 < t_end) {
+      const int n1 = t_end - t1 < TILE ? t_end - t1 : TILE;
+      TQ_UNROLL for (int u = 0; u < PK; ++u) {
+        const int i = tq_tid + u * NT;
+        pk[u] = i < n1 * WK ? keys[(tok0 + t1) * WK + i] : 0u;
+      }
+      TQ_UNROLL for (int u = 0; u < PV; ++u) {
+        const int i = tq_tid + u * NT;
+        pv[u] = i < n1 * WV ? values[(tok0 + t1) * WV + i] : 0u;
+      }
+    }
+    TQ_BARRIER();
+
+    // Scores, one thread per token: the query is already scaled and rotated, so each
+    // key coordinate is a centroid looked up by its code.
+    if (tq_tid < TILE) {
+      const int tt = tq_tid;
+      const int t = t0 + tt;
+      float s[R];
+      TQ_UNROLL for (int r = 0; r < R; ++r) {
+        s[r] = 0.0f;
+      }
+      if (tt < n) {
+        // Not unrolled over chunks: 32 * R unrolled FMAs per chunk keep compile time low.
+        for (int c = 0; c < D / 32; ++c) {
+          uint32_t wr[WPC];
+          TQ_UNROLL for (int w = 0; w < WPC; ++w) {
+            wr[w] = k_sh[tt * KSTRIDE + c * WPC + w];
+          }
+          TQ_UNROLL for (int jj = 0; jj < 32; ++jj) {
+            float kv;
+            if (KBITS >= 16) {
+              const uint32_t h = (wr[(jj >> 1) % WPC] >> ((jj & 1) * 16)) & 0xFFFFu;
+              kv = KEY_BF16 ? tq_bf16_bits(h) : tq_half_bits(h);
+            } else {
+              const int bit = jj * KBITS;
+              const int sh = bit & 31;
+              uint32_t code = wr[(bit >> 5) % WPC] >> sh;
+              if (sh + KBITS > 32) {
+                code |= wr[((bit >> 5) + 1) % WPC] << (32 - sh);
+              }
+              kv = kc_sh[(code & KMASK) % NKC];
+            }
+            const int j = c * 32 + jj;
+            if (VEC4 && Q_SH) {
+              TQ_UNROLL for (int r4 = 0; r4 < R / 4; ++r4) {
+                const float4 qv = q_sh4[((j * R) / 4 + r4) % (QSZ / 4)];
+                s[4 * r4] += qv.x * kv;
+                s[(4 * r4 + 1) % R] += qv.y * kv;
+                s[(4 * r4 + 2) % R] += qv.z * kv;
+                s[(4 * r4 + 3) % R] += qv.w * kv;
+              }
+            } else {
+              TQ_UNROLL for (int r = 0; r < R; ++r) {
+                const float qv = Q_SH ? q_sh[(j * R + r) % QSZ] : static_cast<float>(q[((int64_t)bh * R + r) * D + j]);
+                s[r] += qv * kv;
+              }
+            }
+          }
+        }
+      }
+      const float kn = (KBITS < 16 && tt < n) ? TQ_HALF_TO_FLOAT(key_norms[tok0 + t]) : 1.0f;
+      TQ_UNROLL for (int r = 0; r < R; ++r) {
+        float v = s[r] * kn;
+        if (MASK_MODE == 1 && t > T - L + r % L) {
+          v = NEG;
+        }
+        if (MASK_MODE == 2 && tt < n) {
+          const int mb = MB ? b : 0;
+          const int mh = MH ? kvh * NREP + r / L : 0;
+          const int ml = ML ? r % L : 0;
+          const int mh_n = MH ? n_kv_heads * NREP : 1;
+          const int ml_n = ML ? L : 1;
+          v += mask[(((int64_t)mb * mh_n + mh) * ml_n + ml) * T + t];
+        }
+        p_sh[tt * R + r] = tt < n ? v : -TQ_INF;
+      }
+    }
+    TQ_BARRIER();
+
+    // Online softmax, one warp per row.
+    for (int r = warp; r < R; r += NWARPS) {
+      float mx = -TQ_INF;
+      for (int i = lane; i < TILE; i += 32) {
+        mx = tq_max(mx, p_sh[i * R + r]);
+      }
+      mx = tq_warp_max(mx);
+      const float m_old = m_sh[r];
+      const float m_new = tq_max(m_old, mx);
+      const float m_use = m_new == -TQ_INF ? 0.0f : m_new;  // a row masked with -inf so far
+      float sum = 0.0f;
+      for (int i = lane; i < TILE; i += 32) {
+        const float p = tq_exp(p_sh[i * R + r] - m_use);
+        sum += p;
+        p_sh[i * R + r] = i < n ? p * TQ_HALF_TO_FLOAT(value_norms[tok0 + t0 + i]) : 0.0f;
+      }
+      sum = tq_warp_sum(sum);
+      if (lane == 0) {
+        const float alpha = tq_exp(m_old - m_use);
+        a_sh[r] = alpha;
+        l_sh[r] = l_sh[r] * alpha + sum;
+        m_sh[r] = m_new;
+      }
+    }
+    TQ_BARRIER();
+
+    // Values, one thread per coordinate (and TPC token copies when D < NT).
+    TQ_UNROLL for (int i = 0; i < R * CPT; ++i) {
+      acc[i] *= a_sh[i / CPT];
+    }
+    for (int tt = vcopy; tt < n; tt += TPC) {
+      float w[R];
+      if (VEC4) {
+        TQ_UNROLL for (int r4 = 0; r4 < R / 4; ++r4) {
+          const float4 pv = p_sh4[(tt * R) / 4 + r4];
+          w[4 * r4] = pv.x;
+          w[(4 * r4 + 1) % R] = pv.y;
+          w[(4 * r4 + 2) % R] = pv.z;
+          w[(4 * r4 + 3) % R] = pv.w;
+        }
+      } else {
+        TQ_UNROLL for (int r = 0; r < R; ++r) {
+          w[r] = p_sh[tt * R + r];
+        }
+      }
+      TQ_UNROLL for (int k = 0; k < CPT; ++k) {
+        uint32_t code = v_sh[tt * WV + vword[k]] >> vshift[k];
+        if (vshift[k] + VBITS > 32) {
+          code |= v_sh[tt * WV + vword[k] + 1] << (32 - vshift[k]);
+        }
+        const float cv = vc_sh[code & VMASK];
+        TQ_UNROLL for (int r = 0; r < R; ++r) {
+          acc[r * CPT + k] += w[r] * cv;
+        }
+      }
+    }
+  }
+
+  const int64_t part = (int64_t)bh * n_splits + split;
+  if (TPC > 1) {
+    TQ_BARRIER();
+    TQ_UNROLL for (int r = 0; r < R; ++r) {
+      p_sh[tq_tid * R + r] = acc[r * CPT];
+    }
+    TQ_BARRIER();
+    if (tq_tid < D) {
+      TQ_UNROLL for (int r = 0; r < R; ++r) {
+        float v = 0.0f;
+        for (int c = 0; c < TPC; ++c) {
+          v += p_sh[(c * D + tq_tid) * R + r];
+        }
+        o_part[(part * R + r) * D + tq_tid] = v;
+      }
+    }
+  } else {
+    TQ_UNROLL for (int r = 0; r < R; ++r) {
+      TQ_UNROLL for (int k = 0; k < CPT; ++k) {
+        o_part[(part * R + r) * D + tq_tid + k * G] = acc[r * CPT + k];
+      }
+    }
+  }
+  if (tq_tid < R) {
+    ml_part[(part * R + tq_tid) * 2] = m_sh[tq_tid];
+    ml_part[(part * R + tq_tid) * 2 + 1] = l_sh[tq_tid];
+  }
+"""
+
+# Decode attention, pass 2: merge the spans of one row (and the sink), normalize, and
+# rotate back from the value codec's basis. One block per (batch * KV head, row), one
+# thread per output coordinate. rot_t is the value rotation's matrix_t [D, D]; the output is
+# written in the queries' dtype OutT, so no cast follows.
+REDUCE = r"""
+  TQ_SHARED float y_sh[D];
+  const int d = tq_tid;
+  const int row = tq_bx;
+  const int bh = row / R;
+  const int r = row - bh * R;
+  const int n_splits = meta[3];
+  const int n_kv_heads = meta[4];
+  const int64_t first = (int64_t)bh * n_splits;
+
+  float m = -TQ_INF;
+  for (int s = 0; s < n_splits; ++s) {
+    m = tq_max(m, ml_part[((first + s) * R + r) * 2]);
+  }
+  float sink = 0.0f;
+  if (HAS_SINKS) {
+    sink = sinks[(bh % n_kv_heads) * NREP + r / L];
+    m = tq_max(m, sink);
+  }
+  const float m_use = m == -TQ_INF ? 0.0f : m;
+  float num = 0.0f;
+  float den = HAS_SINKS ? tq_exp(sink - m_use) : 0.0f;
+  for (int s = 0; s < n_splits; ++s) {
+    const int64_t i = (first + s) * R + r;
+    const float w = tq_exp(ml_part[i * 2] - m_use);
+    den += w * ml_part[i * 2 + 1];
+    num += w * o_part[i * D + d];
+  }
+  y_sh[d] = num / den;
+  TQ_BARRIER();
+  float o = 0.0f;
+  for (int j = 0; j < D; ++j) {
+    o += y_sh[j] * rot_t[j * D + d];
+  }
+  out[(int64_t)row * D + d] = static_cast<OutT>(o);
+"""
+
+# Encode new keys and values in one launch: norm, rotation, Lloyd-Max code by binary
+# search over the boundaries, optional norm correction, dense packing. One block per vector
+# (blockIdx.y: 0 keys, 1 values; a grid of height 1 encodes keys only), one thread per
+# coordinate. xk / xv are [N, D] in the model's dtype InT (read as is: no cast pass); rk / rv
+# are the rotations' matrices [D, D] (y = u @ r); KBITS / VBITS with KW / VW words.
+ENCODE = r"""
+  constexpr int NWARPS = D / 32;
+  TQ_SHARED float u_sh[D];
+  TQ_SHARED float red_sh[NWARPS];
+  TQ_SHARED uint32_t c_sh[D];
+  const int e = tq_tid;
+  const int lane = e & 31;
+  const int warp = e >> 5;
+  const int64_t row = tq_bx;
+  const bool is_v = tq_by == 1;
+  const int BITS = is_v ? VBITS : KBITS;
+  const int W = is_v ? VW : KW;
+
+  const float xv = static_cast<float>(is_v ? xv_in[row * D + e] : xk[row * D + e]);
+  float part = tq_warp_sum(xv * xv);
+  if (lane == 0) {
+    red_sh[warp] = part;
+  }
+  TQ_BARRIER();
+  float norm2 = 0.0f;
+  TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+    norm2 += red_sh[w];
+  }
+  const float norm = tq_sqrt(norm2);
+  u_sh[e] = xv / tq_max(norm, 1e-30f);
+  TQ_BARRIER();
+  float y = 0.0f;
+  for (int j = 0; j < D; ++j) {
+    y += u_sh[j] * (is_v ? rv[j * D + e] : rk[j * D + e]);
+  }
+  int code = 0;
+  for (int bit = BITS - 1; bit >= 0; --bit) {
+    const int cand = code + (1 << bit);
+    if (y >= (is_v ? bv[cand - 1] : bk[cand - 1])) {
+      code = cand;
+    }
+  }
+  c_sh[e] = (uint32_t)code;
+
+  float stored = norm;
+  if (NORM_CORR) {
+    const float cv = is_v ? cv_in[code] : ck[code];
+    part = tq_warp_sum(cv * cv);
+    if (lane == 0) {
+      red_sh[warp] = part;  // safe: every thread read red_sh before the last barrier
+    }
+    TQ_BARRIER();
+    float c2 = 0.0f;
+    TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+      c2 += red_sh[w];
+    }
+    stored = norm / tq_max(tq_sqrt(c2), 1e-30f);
+  }
+  stored = stored < 65504.0f ? stored : 65504.0f;  // fp16 overflows above 65504
+  TQ_BARRIER();
+  if (e < W) {
+    uint32_t word = 0;
+    const int first = (e * 32) / BITS;
+    const int last = (e * 32 + 31) / BITS;
+    for (int j = first; j <= last && j < D; ++j) {
+      const int shift = j * BITS - e * 32;
+      word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
+    }
+    if (is_v) {
+      pv[row * W + e] = word;
+    } else {
+      pk[row * W + e] = word;
+    }
+  }
+  if (e == 0) {
+    if (is_v) {
+      nv[row] = TQ_TO_HALF(stored);
+    } else {
+      nk[row] = TQ_TO_HALF(stored);
+    }
+  }
+"""
+
+ATTENTION_INPUTS = (
+    "q", "rot", "keys", "key_norms", "values", "value_norms", "kcent", "vcent", "mask", "meta",
+)  # fmt: skip
+ATTENTION_OUTPUTS = ("o_part", "ml_part")
+REDUCE_INPUTS = ("o_part", "ml_part", "sinks", "rot_t", "meta")
+REDUCE_OUTPUTS = ("out",)
+ENCODE_INPUTS = ("xk", "xv_in", "rk", "rv", "bk", "bv", "ck", "cv_in")
+ENCODE_OUTPUTS = ("pk", "nk", "pv", "nv")
+
+OPS = {
+    "attention": (ATTENTION, ATTENTION_INPUTS, ATTENTION_OUTPUTS),
+    "reduce": (REDUCE, REDUCE_INPUTS, REDUCE_OUTPUTS),
+    "encode": (ENCODE, ENCODE_INPUTS, ENCODE_OUTPUTS),
+}

@@ -1,0 +1,125 @@
+// Runs a kernel body of mlx_lm_turboquant/kernels/source.py on the CPU, one std::thread per
+// GPU thread and one block at a time, so CI can check the kernels' arithmetic, indexing and
+// synchronization without a GPU. Shared memory is a function-local static (one block runs
+// at a time); a warp is 32 threads meeting at a std::barrier.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+struct tq_half {
+  uint16_t bits;
+};
+float tq_emu_h2f(tq_half h);
+tq_half tq_emu_f2h(float x);
+// The model dtypes as kernels see them: converted to and from float with static_cast.
+struct tq_f16 {
+  tq_half h;
+  tq_f16() = default;
+  tq_f16(float x) : h(tq_emu_f2h(x)) {}
+  operator float() const { return tq_emu_h2f(h); }
+};
+struct tq_bf16 {
+  uint16_t bits;
+  tq_bf16() = default;
+  tq_bf16(float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    bits = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+  }
+  operator float() const {
+    uint32_t b = (uint32_t)bits << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  }
+};
+struct float4 {
+  float x, y, z, w;
+};
+
+inline float tq_emu_h2f(tq_half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return (float)f;
+}
+inline tq_half tq_emu_f2h(float x) {
+  _Float16 f = (_Float16)x;
+  tq_half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+
+thread_local int tq_emu_tid, tq_emu_bx, tq_emu_by;
+static std::barrier<>* tq_emu_block_barrier;
+static std::vector<std::barrier<>*> tq_emu_warp_barriers;
+static float tq_emu_lanes[1024];
+
+#define TQ_SHARED static
+#define TQ_SHARED_PTR(T) T*
+#define TQ_BARRIER() tq_emu_block_barrier->arrive_and_wait()
+#define TQ_UNROLL
+#define TQ_UNROLL8
+#define TQ_INF INFINITY
+#define TQ_HALF_TO_FLOAT(h) static_cast<float>(h)
+#define TQ_TO_HALF(x) tq_f16(x)
+
+inline float tq_max(float a, float b) { return std::fmax(a, b); }
+inline float tq_exp(float x) { return std::exp(x); }
+inline float tq_sqrt(float x) { return std::sqrt(x); }
+inline float tq_as_float(int bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float tq_half_bits(uint32_t h) { return tq_emu_h2f(tq_half{(uint16_t)h}); }
+inline float tq_bf16_bits(uint32_t h) {
+  uint32_t b = h << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+template <typename Op>
+inline float tq_emu_warp_reduce(float v, Op op) {
+  const int warp = tq_emu_tid / 32, base = warp * 32;
+  tq_emu_lanes[tq_emu_tid] = v;
+  tq_emu_warp_barriers[warp]->arrive_and_wait();
+  float r = tq_emu_lanes[base];
+  for (int i = 1; i < 32; ++i) r = op(r, tq_emu_lanes[base + i]);
+  tq_emu_warp_barriers[warp]->arrive_and_wait();
+  return r;
+}
+inline float tq_warp_sum(float v) {
+  return tq_emu_warp_reduce(v, [](float a, float b) { return a + b; });
+}
+inline float tq_warp_max(float v) {
+  return tq_emu_warp_reduce(v, [](float a, float b) { return std::fmax(a, b); });
+}
+
+template <typename F>
+void tq_emu_launch(int gx, int gy, int nt, F body) {
+  for (int by = 0; by < gy; ++by) {
+    for (int bx = 0; bx < gx; ++bx) {
+      std::barrier<> block(nt);
+      tq_emu_block_barrier = &block;
+      std::vector<std::barrier<>*> warps;
+      for (int w = 0; w < (nt + 31) / 32; ++w) warps.push_back(new std::barrier<>(32));
+      tq_emu_warp_barriers = warps;
+      std::vector<std::thread> threads;
+      for (int t = 0; t < nt; ++t) {
+        threads.emplace_back([=] {
+          tq_emu_tid = t;
+          tq_emu_bx = bx;
+          tq_emu_by = by;
+          body();
+        });
+      }
+      for (auto& th : threads) th.join();
+      for (auto* w : warps) delete w;
+    }
+  }
+}

@@ -1,0 +1,215 @@
+"""Kernel dispatch, fallback, and the kernels' arithmetic on the CPU.
+
+The fused kernels cannot run without a GPU, so their bodies run here through a CPU
+emulator (``kernel_emulator.py``: one thread per GPU thread, real barriers) driven by the
+real launch code; ``test_kernels_gpu.py`` holds the same checks on a GPU.
+"""
+
+import shutil
+import types
+import warnings
+from functools import partial
+
+import mlx.core as mx
+import pytest
+
+from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
+from mlx_lm_turboquant.codec import get_codec
+from mlx_lm_turboquant.kernels import launch
+from mlx_lm_turboquant.kernels.reference import reference_sdpa
+
+T = 300  # three tiles of 128 tokens, the last one partial
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+def _fake_backend(monkeypatch, **ops):
+    module = types.SimpleNamespace(NAME="fake", **ops)
+    monkeypatch.setattr(kernels, "active_backend", lambda: module)
+    return module
+
+
+def _cache(scheme, D=64, n_kv=2, seed=0, dtype=mx.float16):
+    mx.random.seed(seed)
+    keys = (mx.random.normal((1, n_kv, T, D)) * 2.0).astype(dtype)
+    values = mx.random.normal((1, n_kv, T, D)).astype(dtype)
+    cache = TurboQuantKVCache(scheme, layer_index=seed)
+    cache.update_and_fetch(keys, values)
+    return cache, keys, values
+
+
+def test_cpu_uses_the_reference_path():
+    assert kernels.active_backend() is None
+    assert kernels.get_op("decode_attention") is None
+    assert kernels.run("encode", get_codec(64, 4, 0), mx.zeros((2, 64))) is None
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "reference")
+    assert kernels.active_backend() is None
+    monkeypatch.setenv(kernels.ENV, "metal")  # not available here: reference path
+    kernels.reset()
+    assert kernels.active_backend() is None
+    monkeypatch.setenv(kernels.ENV, "tpu")
+    with pytest.raises(ValueError, match="MLX_TQ_KERNELS"):
+        kernels.active_backend()
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="unknown kernel op"):
+        kernels.get_op("prefill")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        kernels.backend_module("rocm")
+
+
+def test_registry_agrees_across_backends():
+    for name in kernels.BACKENDS:
+        module = kernels.backend_module(name)
+        assert module.NAME == name and module.kernel("attention") is None  # no GPU here
+        for op in kernels.OPS:
+            assert callable(getattr(module, op)), (name, op)
+
+
+def test_failing_kernel_falls_back_with_one_warning(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvrtc: compilation failed")
+
+    cache, _, _ = _cache("turbo4")
+    _fake_backend(monkeypatch, decode_attention=broken, encode=broken, encode_kv=broken)
+    q = mx.random.normal((1, 4, 1, 64))
+    with pytest.warns(RuntimeWarning, match="decode_attention' kernel failed") as record:
+        first = turboquant_sdpa(q, cache, scale=0.125)
+        second = turboquant_sdpa(q, cache, scale=0.125)
+    assert len([w for w in record if "decode_attention" in str(w.message)]) == 1
+    expected = reference_sdpa(q, cache, 0.125)
+    assert mx.array_equal(first, expected) and mx.array_equal(second, expected)
+
+    codec = get_codec(64, 3, 1)
+    x = mx.random.normal((3, 64))
+    with pytest.warns(RuntimeWarning, match="'encode' kernel failed"):
+        packed, norms = kernels.encode(codec, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        again = kernels.encode(codec, x)
+    ref = codec.encode(x)
+    assert mx.array_equal(packed, ref[0]) and mx.array_equal(again[1], ref[1])
+
+
+def test_uncovered_shapes_take_the_reference_path_silently(monkeypatch):
+    cache, _, _ = _cache("turbo3")
+    _fake_backend(monkeypatch, decode_attention=lambda *a, **k: None)
+    q = mx.random.normal((1, 2, 1, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = turboquant_sdpa(q, cache, scale=0.125)
+    assert mx.array_equal(out, reference_sdpa(q, cache, 0.125))
+
+
+def test_plan_limits():
+    plan = launch.attention_plan(128, 4, 1, 4, mx.float16, 4, 48 * 1024)
+    assert plan is not None and plan.R == 4 and plan.NT == 128 and plan.Q_SH
+    assert launch.attention_plan(128, 4, 9, 4, mx.float16, 4, 48 * 1024) is None  # prefill
+    assert launch.attention_plan(80, 1, 1, 4, mx.float16, 4, 48 * 1024) is None  # D % 32
+    assert launch.attention_plan(128, 1, 1, 0, mx.float32, 4, 48 * 1024) is None  # fp32 keys
+    for T_, blocks in ((1, 8), (300, 2), (131072, 8), (5000, 64)):
+        span, n = launch.split_tokens(T_, blocks, 128)
+        assert span % 128 == 0 and (n - 1) * span < T_ <= n * span
+
+
+# -- the kernel bodies, emulated on the CPU --------------------------------------------
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the emulator")
+
+
+def _emulate(monkeypatch):
+    """Route the dispatcher to the emulated kernels (after building any cache: emulating
+    a long prefill's encode would be slow)."""
+    import kernel_emulator as emu
+
+    module = types.SimpleNamespace(
+        NAME="emulator",
+        decode_attention=partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES),
+        encode=partial(launch.encode, emu.kernel),
+        encode_kv=partial(launch.encode_kv, emu.kernel),
+    )
+    monkeypatch.setattr(kernels, "active_backend", lambda: module)
+    return module
+
+
+def _rms(a, ref):
+    return float(mx.sqrt(((a.astype(mx.float32) - ref) ** 2).mean()))
+
+
+@needs_gxx
+@pytest.mark.parametrize(
+    "scheme, D, n_rep, L, mask, sinks",
+    [
+        ("turbo4", 128, 4, 1, None, False),
+        ("turbo3", 64, 4, 4, "causal", True),
+        ("turbo2v4", 96, 1, 4, "bool", False),
+        ("turbo0v4", 64, 8, 1, None, True),
+        ("turbo8v2", 64, 1, 4, "additive", False),
+    ],
+)
+def test_emulated_attention_parity(monkeypatch, scheme, D, n_rep, L, mask, sinks):
+    n_kv = 2
+    cache, keys, values = _cache(scheme, D, n_kv, seed=D + L, dtype=mx.bfloat16)
+    emulated = _emulate(monkeypatch)
+    q = mx.random.normal((1, n_kv * n_rep, L, D)).astype(mx.bfloat16)
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(L, T)) < 0.7
+        mask[:, -1] = True
+    elif mask == "additive":
+        mask = mx.random.normal((1, n_kv * n_rep, L, T))
+    s = mx.random.normal((n_kv * n_rep,)) if sinks else None
+    exact = mx.fast.scaled_dot_product_attention(
+        q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
+        scale=D**-0.5, mask=mask, sinks=s,
+    )  # fmt: skip
+    fused = emulated.decode_attention(q, cache, D**-0.5, mask=mask, sinks=s)
+    assert fused is not None and fused.dtype == q.dtype and not mx.isnan(fused).any()
+    twin = reference_sdpa(q, cache, D**-0.5, mask=mask, sinks=s)
+    assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6
+    # the dispatcher takes the same kernel
+    assert mx.array_equal(turboquant_sdpa(q, cache, scale=D**-0.5, mask=mask, sinks=s), fused)
+
+
+@needs_gxx
+@pytest.mark.parametrize("D, kb, vb", [(64, 3, 3), (96, 4, 2), (128, 8, 4)])
+def test_emulated_encode_matches_the_codec(monkeypatch, D, kb, vb):
+    emulated = _emulate(monkeypatch)
+    kc, vc = get_codec(D, kb, 11), get_codec(D, vb, 12)
+    k = (mx.random.normal((1, 2, 5, D)) * 4.0).astype(mx.bfloat16)
+    v = mx.random.normal((1, 2, 5, D)).astype(mx.bfloat16)
+    pk, nk, pv, nv = emulated.encode_kv(kc, k, vc, v)
+    for codec, x, packed, norms in ((kc, k, pk, nk), (vc, v, pv, nv)):
+        ref_packed, ref_norms = codec.encode(x)
+        # a dense matrix product vs mlx's Hadamard transform: codes agree except at ties
+        assert float((codec.codes(packed) == codec.codes(ref_packed)).mean()) > 0.99
+        assert mx.allclose(norms.astype(mx.float32), ref_norms.astype(mx.float32), rtol=1e-3)
+
+
+@needs_gxx
+def test_emulated_cache_update_uses_the_fused_encode(monkeypatch):
+    mx.random.seed(5)
+    keys = mx.random.normal((1, 2, 6, 64)) * 3.0
+    values = mx.random.normal((1, 2, 6, 64))
+    ref = TurboQuantKVCache("turbo4v2")
+    ref.update_and_fetch(keys, values)
+    ref_k, ref_v = ref.dequantize()
+    calls = []
+    emulated = _emulate(monkeypatch)
+    fused_kv = emulated.encode_kv
+    emulated.encode_kv = lambda *a: calls.append(1) or fused_kv(*a)
+    cache = TurboQuantKVCache("turbo4v2")
+    cache.update_and_fetch(keys, values)
+    k_hat, v_hat = cache.dequantize()
+    assert calls == [1]  # keys and values in one launch
+    assert _rms(k_hat, keys.astype(mx.float32)) <= 1.01 * _rms(ref_k, keys.astype(mx.float32))
+    assert _rms(v_hat, values.astype(mx.float32)) <= 1.01 * _rms(ref_v, values.astype(mx.float32))

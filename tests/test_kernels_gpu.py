@@ -1,0 +1,138 @@
+"""Fused kernels against their pure-MLX twins, on a GPU (skipped elsewhere).
+
+Rule (flash-attention's): against a float32 reference computed from the original
+vectors, a kernel's error may be at most 2x that of its pure-MLX twin. Inputs are fresh
+random draws on every run (seeded from the clock, printed on failure).
+Run on the device with ``python -m pytest -q tests/test_kernels_gpu.py``.
+"""
+
+import time
+
+import mlx.core as mx
+import pytest
+
+from mlx_lm_turboquant import TurboQuantKVCache, kernels
+from mlx_lm_turboquant.codec import get_codec
+from mlx_lm_turboquant.config import builtin_scheme_names
+from mlx_lm_turboquant.kernels.reference import reference_sdpa
+
+BACKEND = kernels.active_backend()
+pytestmark = pytest.mark.skipif(BACKEND is None, reason="no GPU backend (CUDA or Metal)")
+
+FORMATS = builtin_scheme_names()  # every key/value format a scheme uses
+SEED = int(time.time())
+T = 777  # several spans and a partial last tile
+
+
+def _rms(a, ref):
+    return float(mx.sqrt(((a.astype(mx.float32) - ref) ** 2).mean()))
+
+
+def _case(scheme, D, n_rep, L, dtype, seed, n_kv=2, mask=None, sinks=False, scale=1.0):
+    mx.random.seed(seed)
+    keys = (mx.random.normal((1, n_kv, T, D)) * 2.0 * scale).astype(dtype)
+    values = (mx.random.normal((1, n_kv, T, D)) * scale).astype(dtype)
+    queries = mx.random.normal((1, n_kv * n_rep, L, D)).astype(dtype)
+    cache = TurboQuantKVCache(scheme, layer_index=seed % 97)
+    cache.update_and_fetch(keys[:, :, : T - L], values[:, :, : T - L])
+    cache.update_and_fetch(keys[:, :, T - L :], values[:, :, T - L :])
+    s = mx.random.normal((n_kv * n_rep,)) if sinks else None
+    scale_qk = D**-0.5
+    exact = mx.fast.scaled_dot_product_attention(
+        queries.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
+        scale=scale_qk, mask=mask, sinks=s, stream=mx.cpu,
+    )  # fmt: skip
+    twin = reference_sdpa(queries, cache, scale_qk, mask=mask, sinks=s)
+    fused = BACKEND.decode_attention(queries, cache, scale_qk, mask=mask, sinks=s)
+    assert fused is not None, "the fused kernel declined a shape it must cover"
+    mx.eval(exact, twin, fused)
+    return fused, twin, exact
+
+
+@pytest.mark.parametrize("L", [1, 4])
+@pytest.mark.parametrize("n_rep", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("scheme", FORMATS)
+def test_attention_parity(scheme, D, n_rep, L):
+    seed = SEED + hash((scheme, D, n_rep, L)) % 100_000
+    dtype = mx.bfloat16 if (D + n_rep + L) % 2 else mx.float16
+    mask = "causal" if L > 1 else None
+    fused, twin, exact = _case(scheme, D, n_rep, L, dtype, seed, mask=mask)
+    assert fused.shape == twin.shape and fused.dtype == twin.dtype
+    assert not mx.isnan(fused).any()
+    e_fused, e_twin = _rms(fused, exact), _rms(twin, exact)
+    assert e_fused <= 2 * e_twin + 1e-6, (seed, e_fused, e_twin)
+
+
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2v4", "turbo0v4", "turbo8v2"])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_attention_masks_and_sinks(scheme, mask_kind, sinks):
+    seed = SEED + hash((scheme, mask_kind, sinks)) % 100_000
+    mx.random.seed(seed)
+    L, n_rep, D = 4, 4, 128
+    if mask_kind == "bool":
+        mask = mx.random.uniform(shape=(L, T)) < 0.7
+        mask[:, -1] = True
+    else:
+        mask = mx.random.normal((1, 2 * n_rep, L, T))
+    fused, twin, exact = _case(scheme, D, n_rep, L, mx.bfloat16, seed, mask=mask, sinks=sinks)
+    assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6, seed
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo2", "turbo0v4", "turbo8v3"])
+def test_no_nan_with_large_norms(scheme, dtype):
+    # fp16 keys near its range; bf16 far beyond fp16's (stored norms are clamped to 65504).
+    scale = 2000.0 if dtype == mx.float16 else 1e6
+    fused, twin, _ = _case(scheme, 128, 4, 4, dtype, SEED, mask="causal", scale=scale)
+    assert not mx.isnan(fused).any() and not mx.isnan(twin).any()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+def test_encode_parity(D, bits):
+    seed = SEED + D * 10 + bits
+    codec = get_codec(D, bits, seed % 1000)
+    mx.random.seed(seed)
+    x = (mx.random.normal((3, 4, 37, D)) * 3.0).astype(mx.bfloat16)
+    fused = BACKEND.encode(codec, x)
+    assert fused is not None
+    pure = codec.encode(x)
+    x32 = x.astype(mx.float32)
+    e_fused = _rms(codec.decode(*fused), x32)
+    e_pure = _rms(codec.decode(*pure), x32)
+    assert e_fused <= 2 * e_pure + 1e-6, (seed, e_fused, e_pure)
+    # Same codes except where rounding moves a coordinate across a boundary.
+    assert float((codec.codes(fused[0]) == codec.codes(pure[0])).mean()) > 0.99
+
+
+@pytest.mark.parametrize("kv_bits", [(4, 4), (3, 3), (2, 2), (8, 4), (4, 2), (2, 4)])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+def test_encode_kv_parity(D, kv_bits):
+    seed = SEED + D + kv_bits[0] * 7 + kv_bits[1]
+    kc, vc = get_codec(D, kv_bits[0], seed % 991), get_codec(D, kv_bits[1], seed % 997 + 1)
+    mx.random.seed(seed)
+    k = (mx.random.normal((2, 8, 5, D)) * 4.0).astype(mx.float16)
+    v = mx.random.normal((2, 8, 5, D)).astype(mx.float16)
+    pk, nk, pv, nv = BACKEND.encode_kv(kc, k, vc, v)
+    for codec, x, fused in ((kc, k, (pk, nk)), (vc, v, (pv, nv))):
+        x32 = x.astype(mx.float32)
+        e_fused, e_pure = _rms(codec.decode(*fused), x32), _rms(codec.decode(*codec.encode(x)), x32)
+        assert e_fused <= 2 * e_pure + 1e-6, (seed, e_fused, e_pure)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_encode_no_nan_with_large_norms(dtype):
+    codec = get_codec(128, 4, 3)
+    x = mx.random.normal((64, 128)) * (3000.0 if dtype == mx.float16 else 1e30)
+    packed, norms = BACKEND.encode(codec, x.astype(dtype))
+    assert not mx.isnan(norms).any() and not mx.isinf(norms).any()
+
+
+def test_dispatch_uses_the_fused_kernels():
+    kernels.reset()
+    q, cache = mx.random.normal((1, 8, 1, 128)), TurboQuantKVCache("turbo4")
+    cache.update_and_fetch(mx.random.normal((1, 2, 300, 128)), mx.random.normal((1, 2, 300, 128)))
+    assert kernels.run("decode_attention", q, cache, 0.1) is not None
+    assert kernels.run("encode", cache.value_codec, mx.random.normal((2, 128))) is not None
