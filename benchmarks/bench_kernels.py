@@ -34,7 +34,9 @@ L2_SPAN = 256 << 20  # rotate over copies until this many bytes, so reads come f
 
 def setup_arg_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
+    p.add_argument(
+        "--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072]
+    )
     p.add_argument("--e2e-contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES))
     p.add_argument("--e2e-schemes", nargs="+", default=["turbo4", "turbo3", "turbo2"])
@@ -90,7 +92,8 @@ def kernel_bench(contexts, schemes, baselines=True):
             mx.eval(k, v)
             copies.append((k, v))
         if baselines:
-            t = _time(lambda kv: mx.fast.scaled_dot_product_attention(q, kv[0], kv[1], scale=scale), copies)
+            sdpa = mx.fast.scaled_dot_product_attention
+            t = _time(lambda kv: sdpa(q, kv[0], kv[1], scale=scale), copies)
             row["fp16_sdpa"] = {"ms": t * 1e3, "bytes": kv_bytes, "GBps": kv_bytes / t / 1e9}
 
         from mlx_lm.models.base import quantized_scaled_dot_product_attention
@@ -98,7 +101,8 @@ def kernel_bench(contexts, schemes, baselines=True):
         try:
             if not baselines:
                 raise RuntimeError("not measured")
-            qk = [(mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)) for k, v in copies]
+            qk = [(mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4))
+                  for k, v in copies]  # fmt: skip
             qbytes = sum(a.nbytes for a in qk[0][0]) + sum(a.nbytes for a in qk[0][1])
             t = _time(lambda kv: quantized_scaled_dot_product_attention(
                 q, kv[0], kv[1], scale=scale, mask=None, group_size=64, bits=4), qk)  # fmt: skip
@@ -160,7 +164,8 @@ def _fill(model, kind, T):
     from mlx_lm.models.cache import KVCache
 
     layers = len(model.layers)
-    cache = [KVCache() if kind == "fp16" else TurboQuantKVCache(kind, layer_index=i) for i in range(layers)]
+    cache = [KVCache() if kind == "fp16" else TurboQuantKVCache(kind, layer_index=i)
+             for i in range(layers)]  # fmt: skip
     for c in cache:
         k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
         v = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
@@ -326,8 +331,8 @@ def _gpu_name():
     try:
         import subprocess
 
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        cmd = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         return platform.processor()
 

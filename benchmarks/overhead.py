@@ -56,7 +56,9 @@ def main():
         "turbo4 update_and_fetch": tq_update,
         "fp16 KVCache update_and_fetch": fp_update,
         "turbo4 attention (fused)": lambda: turboquant_sdpa(q, tq, 128**-0.5),
-        "fp16 sdpa": lambda: mx.fast.scaled_dot_product_attention(q, fp.keys[..., :T, :], fp.values[..., :T, :], scale=0.088),
+        "fp16 sdpa": lambda: mx.fast.scaled_dot_product_attention(
+            q, fp.keys[..., :T, :], fp.values[..., :T, :], scale=0.088
+        ),
         "empty custom-kernel-sized op (x + 1)": lambda: q + 1,
     }
     for name, fn in rows.items():

@@ -62,7 +62,7 @@ def _library(op, template, in_dtypes, out_dtypes):
     if result.returncode:
         raise RuntimeError(f"emulator build of {op} failed:\n{result.stderr[:4000]}")
     lib = ctypes.CDLL(str(so))
-    lib.tq_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.tq_run.argtypes = [ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_int] * 3
     return lib
 
 

@@ -37,8 +37,11 @@ def test_metal_sources_compile(tmp_path):
         return cfg, result
 
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-        failures = [(c, r.stderr) for c, r in pool.map(compile_one, enumerate(sources)) if r.returncode]
-    assert not failures, f"{len(failures)} Metal kernels fail, first: {failures[0][0]}\n{failures[0][1][:3000]}"
+        results = list(pool.map(compile_one, enumerate(sources)))
+    failures = [(c, r.stderr) for c, r in results if r.returncode]
+    assert not failures, (
+        f"{len(failures)} Metal kernels fail, first: {failures[0][0]}\n{failures[0][1][:3000]}"
+    )
 
 
 def test_metal_shim_catches_errors(tmp_path):
@@ -50,7 +53,8 @@ def test_metal_shim_catches_errors(tmp_path):
     assert bad != src
     path = tmp_path / "bad.cpp"
     path.write_text(bad)
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wno-attributes", f"-I{SHIM}", "-x", "c++", str(path)]
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wno-attributes", f"-I{SHIM}", "-x", "c++",
+           str(path)]  # fmt: skip
     assert subprocess.run(cmd, capture_output=True).returncode != 0
 
 

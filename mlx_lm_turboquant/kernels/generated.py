@@ -67,7 +67,8 @@ def metal_source(cfg: KernelConfig) -> str:
     tdef = "<" + ", ".join(_template_value(v) for _, v in cfg.template) + ">"
     name += "_" + tdef.replace("<", "_").replace(">", "_").replace(", ", "_")[:-1]
     for dtype, size in cfg.inputs:
-        name += "_" + _METAL_TYPES[dtype].replace("_t", "") + ("c" if size < METAL_MAX_CONSTANT_ARRAY else "")
+        small = size < METAL_MAX_CONSTANT_ARRAY
+        name += "_" + _METAL_TYPES[dtype].replace("_t", "") + ("c" if small else "")
     params = []
     for i, (n, (dtype, size)) in enumerate(zip(in_names, cfg.inputs)):
         space = "constant" if size < METAL_MAX_CONSTANT_ARRAY else "device"
@@ -158,7 +159,8 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
     if full:
         cases = [(D, n_rep, L, kb, vb, mask, sinks)
                  for D in (64, 96, 128, 256) for n_rep in (1, 4, 8) for L in (1, 4)
-                 for kb, vb in formats for mask, sinks in ((None, False), ("array", True))]  # fmt: skip
+                 for kb, vb in formats
+                 for mask, sinks in ((None, False), ("array", True))]  # fmt: skip
     out = []
     for D, n_rep, L, kb, vb, mask, sinks in cases:
         key_dtype = mx.bfloat16 if (kb == 0 and D == 256) else mx.float16

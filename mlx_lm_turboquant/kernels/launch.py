@@ -61,7 +61,9 @@ def _threads(D: int):
 
 
 @lru_cache(maxsize=None)
-def attention_plan(D, n_rep, L, key_bits, key_dtype, value_bits, shared_bytes) -> Optional[AttentionPlan]:
+def attention_plan(
+    D, n_rep, L, key_bits, key_dtype, value_bits, shared_bytes
+) -> Optional[AttentionPlan]:
     """The kernel configuration for these shapes, or None where the kernels do not apply."""
     R = n_rep * L
     if D % 32 or not 32 <= D <= 512 or L > MAX_QUERIES or R > MAX_ROWS:
@@ -208,9 +210,13 @@ def encode_kv(kernel, key_codec, keys, value_codec, values):
     pair = values is not None
     if k is None or D % 32 or not 32 <= D <= 1024 or D != key_codec.dim:
         return None
-    if pair and (tuple(values.shape) != tuple(keys.shape) or value_codec.dim != D
-                 or values.dtype != keys.dtype or value_codec.norm_correction != key_codec.norm_correction):
-        return None  # fmt: skip
+    if pair and (
+        tuple(values.shape) != tuple(keys.shape)
+        or value_codec.dim != D
+        or values.dtype != keys.dtype
+        or value_codec.norm_correction != key_codec.norm_correction
+    ):
+        return None
     xk = _rows(keys, D)
     vc = value_codec if pair else key_codec
     xv = _rows(values, D) if pair else xk
@@ -223,7 +229,8 @@ def encode_kv(kernel, key_codec, keys, value_codec, values):
                   ("NORM_CORR", key_codec.norm_correction), ("InT", xk.dtype)],
         grid=(N * D, 2 if pair else 1, 1),
         threadgroup=(D, 1, 1),
-        output_shapes=[(N, key_codec.words), (N,), (N if pair else 1, vc.words), (N if pair else 1,)],
+        output_shapes=[(N, key_codec.words), (N,), (N if pair else 1, vc.words),
+                       (N if pair else 1,)],
         output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
     )  # fmt: skip
     out = [pk.reshape(*lead, key_codec.words), nk.reshape(lead), None, None]

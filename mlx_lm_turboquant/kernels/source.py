@@ -220,7 +220,8 @@ ATTENTION = r"""
               }
             } else {
               TQ_UNROLL for (int r = 0; r < R; ++r) {
-                const float qv = Q_SH ? q_sh[(j * R + r) % QSZ] : static_cast<float>(q[((int64_t)bh * R + r) * D + j]);
+                const float qv = Q_SH ? q_sh[(j * R + r) % QSZ]
+                                      : static_cast<float>(q[((int64_t)bh * R + r) * D + j]);
                 s[r] += qv * kv;
               }
             }
