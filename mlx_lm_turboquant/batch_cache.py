@@ -14,18 +14,10 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, _BaseCache, dynamic_roll
 
-from . import kernels
 from .cache import MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache
 from .config import KVScheme, parse_scheme
 
 _NAMES = ("keys", "key_norms", "values", "value_norms")
-
-
-def _encode(codec, x):
-    """Encode as the single cache does: through the fused-kernel hook where this version
-    has one, else the codec's pure-MLX encode."""
-    fused = getattr(kernels, "encode", None)
-    return codec.encode(x) if fused is None else fused(codec, x)
 
 
 def _as_list(indices, n_rows: int) -> List[int]:
@@ -126,11 +118,7 @@ class BatchTurboQuantKVCache(_BaseCache):
                 f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
                 f"got keys {keys.shape} and values {values.shape}"
             )
-        if self.scheme.key_bits == 0:
-            new = (keys.astype(self.dtype), None)
-        else:
-            new = _encode(self.key_codec, keys)
-        new = tuple(new) + tuple(_encode(self.value_codec, values))
+        new = TurboQuantKVCache.encode_tokens(self, keys, values)
 
         prev = self._idx
         if self.keys is None or prev + L > self.values.shape[2]:

@@ -127,13 +127,7 @@ class TurboQuantKVCache(_BaseCache):
                 f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
                 f"got keys {keys.shape} and values {values.shape}"
             )
-        if self.scheme.key_bits == 0:
-            new_keys, new_key_norms = keys.astype(self.dtype), None
-            new_values, new_value_norms = kernels.encode(self.value_codec, values)
-        else:
-            new_keys, new_key_norms, new_values, new_value_norms = kernels.encode_kv(
-                self.key_codec, keys, self.value_codec, values
-            )
+        new_keys, new_key_norms, new_values, new_value_norms = self.encode_tokens(keys, values)
 
         prev = self.offset
         if self.keys is None or prev + L > self.keys.shape[2]:
@@ -148,6 +142,16 @@ class TurboQuantKVCache(_BaseCache):
             CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
             CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
         )
+
+    def encode_tokens(self, keys, values):
+        """``(keys, key_norms, values, value_norms)`` as stored, for new tokens.
+
+        Single and batch caches share this, so a sequence gets the same codes whether
+        it runs alone or batched (fused and pure encodes may round differently).
+        """
+        if self.scheme.key_bits == 0:
+            return (keys.astype(self.dtype), None, *kernels.encode(self.value_codec, values))
+        return kernels.encode_kv(self.key_codec, keys, self.value_codec, values)
 
     def _grow(self, prev, L, *new):
         """Allocate room for at least ``L`` more tokens, in whole steps.

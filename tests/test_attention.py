@@ -67,11 +67,15 @@ def test_matrix(scheme, n_rep, L, mask, with_sinks):
 def test_blocks_and_query_chunks_do_not_change_the_result():
     q, _, _, cache = _setup("turbo3", n_rep=4, L=9)
     mask = _mask("bool", 8, 9, 0)
+    # mlx's CUDA backend runs float32 matmuls in TF32 (10-bit mantissa): other block
+    # sizes round differently there.
+    atol = 2e-6 if mx.default_device() == mx.cpu else 5e-3
     one = reference_sdpa(q, cache, 0.1, mask=mask)
     many = reference_sdpa(q, cache, 0.1, mask=mask, block_tokens=16, block_queries=2)
-    np.testing.assert_allclose(np.array(one), np.array(many), atol=2e-6)
+    np.testing.assert_allclose(np.array(one), np.array(many), atol=atol)
     causal = reference_sdpa(q, cache, 0.1, mask="causal", block_tokens=16, block_queries=4)
-    np.testing.assert_allclose(np.array(causal), np.array(reference_sdpa(q, cache, 0.1, mask="causal")), atol=2e-6)
+    whole = reference_sdpa(q, cache, 0.1, mask="causal")
+    np.testing.assert_allclose(np.array(causal), np.array(whole), atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])

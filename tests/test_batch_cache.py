@@ -273,9 +273,14 @@ PROMPTS = [
 ]
 
 
-def test_batch_generate_matches_each_prompt_alone(real_model):
+def test_batch_generate_matches_each_prompt_alone(real_model, monkeypatch):
     """Greedy tokens of prompts of different lengths batched (left padding, a mask per
     row) equal each prompt generated alone with the same scheme."""
+    # Exact equality holds on the pure-MLX path. Fused kernels split a padded row's tokens
+    # differently from the row alone, and a 1e-6 difference can flip a quantization code
+    # of a later token and then a near-tie (seen on the H100: a 0.04-nat gap at step 6);
+    # the padded-batch kernel itself is checked to 1e-5 per call in test_batch_cache.py.
+    monkeypatch.setenv("MLX_TQ_KERNELS", "reference")
     from mlx_lm.generate import batch_generate, generate_step
 
     model, tokenizer = real_model

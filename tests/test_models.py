@@ -313,9 +313,14 @@ UNCOMPRESSED = set(
 
 
 @pytest.mark.parametrize("model_type", compressed_types())
-def test_model_type_batches_like_one_at_a_time(model_type, patched_module):
+def test_model_type_batches_like_one_at_a_time(model_type, patched_module, monkeypatch):
     """mlx-lm's BatchGenerator with turbo4 (two prompts, one left-padded): compressed
     batch caches, and the greedy tokens of each prompt alone."""
+    # Exact equality holds on the pure-MLX path. Fused kernels split a padded row's tokens
+    # differently from the row alone, and a 1e-6 difference can flip a quantization code
+    # of a later token and then a near-tie (seen on the H100: a 0.04-nat gap at step 6);
+    # the padded-batch kernel itself is checked to 1e-5 per call in test_batch_cache.py.
+    monkeypatch.setenv("MLX_TQ_KERNELS", "reference")
     try:
         model, batched, alone, seen = run_batch(model_type)
     except NotRunnable as e:
