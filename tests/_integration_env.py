@@ -8,9 +8,12 @@ real files pip wrote for the running environment, run with the venv's interprete
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,3 +115,27 @@ def build_wheel(src: Path, out: Path) -> Path:
 def site_packages(python: Path) -> Path:
     out = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
     return Path(_check(out, "purelib").stdout.strip())
+
+
+def wait_for_port(proc, port: int, timeout: float, log_path: Path, poll: float = 0.5):
+    """Wait until ``proc`` (a server) accepts connections on 127.0.0.1:``port``; fail with
+    its log if it exits first or ``timeout`` seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, Path(log_path).read_text()
+        assert time.time() < deadline, f"server did not start in {timeout:.0f} s"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(poll)
+
+
+def stop_process_group(proc):
+    """SIGTERM the process group that ``proc`` leads (start_new_session=True), SIGKILL after 20 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -6,17 +6,23 @@ lacks: small stand-ins from tests/stubs/ are put on PYTHONPATH for those two.
 """
 
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from _integration_env import clean_env, make_venv, pip_install, run, script, source_copy
+from _integration_env import (
+    clean_env,
+    make_venv,
+    pip_install,
+    run,
+    script,
+    source_copy,
+    stop_process_group,
+    wait_for_port,
+)
 from conftest import TEST_MODEL, _require
 
 STUBS = Path(__file__).resolve().parent / "stubs"
@@ -218,14 +224,7 @@ def test_server_over_http(tq_python, tmp_path):
     proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
                             env=clean_env(), start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_port(proc, port, 90, tmp_path / "server.log")
         body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
         first = _post(port, body)
         second = _post(port, body)  # served from the prompt cache (a trimmed copy)
@@ -233,12 +232,7 @@ def test_server_over_http(tq_python, tmp_path):
         assert first[1]["choices"][0]["text"] == second[1]["choices"][0]["text"] != ""
         assert second[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
     text = (tmp_path / "server.log").read_text()
     assert "no continuous batching" not in text  # batch TurboQuant caches exist
     assert "turbo4 (--kv-scheme) on" in text

@@ -8,17 +8,16 @@ prompt cache stores and the largest batch a compressed cache saw.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _integration_env import stop_process_group, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MLX_TQ_SHARED", ROOT.parent / "shared"))
@@ -66,23 +65,10 @@ def serve(tmp_path, name, *extra):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.time() < deadline, "server did not start in 120 s"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
+        wait_for_port(proc, port, 120, log_path, poll=0.3)
         yield port, probe, log_path
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 def complete(port, prompt, max_tokens=MAX_TOKENS):
