@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 from mlx_lm.models import cache as mlx_cache
 
 from .cache import TurboQuantKVCache
-from .config import KVScheme, resolve_layers
+from .config import KVScheme, layer_spec_in_force, parse_layer_spec
 
 # Chosen from the layer study in docs/evaluation.md: on tq-llama-8k the last
 # attention layer carries about half of turbo4's KL divergence (keeping it fp16
@@ -119,8 +119,9 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
         if i not in positions:
             plan.kept.setdefault(type(c).__name__, []).append(i)
     default = info.layers or default_layer_spec(len(positions))
-    plan.layers_spec = _layer_spec(layers, default)
-    chosen = resolve_layers(layers, len(positions), default)
+    spec = layer_spec_in_force(layers, default)
+    plan.layers_spec = str(spec)
+    chosen = parse_layer_spec(spec, len(positions))
     for k in chosen:
         i = positions[k]
         cache[i] = TurboQuantKVCache(info.scheme, layer_index=i)
@@ -129,14 +130,6 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
     if skipped:
         plan.kept["layer spec"] = skipped
     return plan
-
-
-def _layer_spec(layers, default):
-    import os
-
-    if layers is not None:
-        return str(layers)
-    return os.environ.get("MLX_TQ_LAYERS") or default
 
 
 def base_make_prompt_cache(model, max_kv_size: Optional[int] = None) -> list:

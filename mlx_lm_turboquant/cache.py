@@ -7,7 +7,6 @@ arrays returned by ``update_and_fetch`` are only handles that describe the cache
 """
 
 from functools import lru_cache
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np

@@ -163,10 +163,15 @@ def _parse_part(body, num_layers, spec) -> set:
     return {_index(_int(body, spec), num_layers, spec)}
 
 
-def resolve_layers(spec: Optional[str], num_layers: int, default: Optional[str] = None) -> Sequence[int]:
-    """Layer indices from ``spec``, else ``$MLX_TQ_LAYERS``, else ``default``."""
+def layer_spec_in_force(spec, default: Optional[str] = None):
+    """``spec`` if given, else ``$MLX_TQ_LAYERS``, else ``default``."""
     import os
 
-    if spec is None:
-        spec = os.environ.get("MLX_TQ_LAYERS") or default
-    return parse_layer_spec(spec, num_layers)
+    if spec is not None:
+        return spec
+    return os.environ.get("MLX_TQ_LAYERS") or default
+
+
+def resolve_layers(spec: Optional[str], num_layers: int, default: Optional[str] = None) -> Sequence[int]:
+    """Layer indices from ``spec``, else ``$MLX_TQ_LAYERS``, else ``default``."""
+    return parse_layer_spec(layer_spec_in_force(spec, default), num_layers)

@@ -5,7 +5,6 @@
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "tq-llama-8k-4bit"
@@ -26,11 +25,11 @@ def _run(model, tokenizer, prompt, cache, max_tokens):
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    text, start, last = "", time.perf_counter(), None
+    text, last = "", None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
                                 sampler=make_sampler(temp=0.0), prompt_cache=cache):  # fmt: skip
         text += last.text
-    return text, last.generation_tps, time.perf_counter() - start
+    return text, last.generation_tps
 
 
 def main(argv=None):
@@ -56,11 +55,11 @@ def main(argv=None):
           f"values {scheme.value_bits} bits), compressed layers: {compressed} of {len(cache)}")  # fmt: skip
     print("-" * 60)
     sys.stdout.write(args.prompt)
-    text, tps, _ = _run(model, tokenizer, args.prompt, cache, args.max_tokens)
+    text, tps = _run(model, tokenizer, args.prompt, cache, args.max_tokens)
     print(text)
     print("-" * 60)
     ref_cache = plain_cache(model)
-    ref_text, ref_tps, _ = _run(model, tokenizer, args.prompt, ref_cache, args.max_tokens)
+    ref_text, ref_tps = _run(model, tokenizer, args.prompt, ref_cache, args.max_tokens)
     same = _common_prefix(text, ref_text)
     print(f"{'cache':>10} {'KV bytes':>10} {'vs fp16':>8} {'tok/s':>8}")
     print(f"{'fp16':>10} {kv_bytes(ref_cache):>10,} {1.0:>8.3f} {ref_tps:>8.1f}")

@@ -107,7 +107,7 @@ def run_kld(args):
                 rows.append(teacher_forced_kl(model, ids, s, args.layers, ctx, args.steps, reference=ref).as_dict())
                 bar.update(1)
             if args.sensitivity and ctx == contexts[0]:
-                n = len([c for c in ref[1]])
+                n = len(ref[1])  # cache entries = layers
                 for s in schemes:
                     for layer in tqdm(range(n), desc=f"per-layer {s.name}", leave=False):
                         r = teacher_forced_kl(model, ids, s, str(layer), ctx, args.steps, reference=ref)

@@ -12,6 +12,7 @@ import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 from ..api import make_prompt_cache
+from ..cache import TurboQuantKVCache
 
 
 @dataclass
@@ -51,8 +52,6 @@ def _step_logprobs(model, ids, cache, prefill, steps, prefill_step=2048):
 def kv_bytes(cache) -> int:
     """Bytes the cache holds, with uncompressed layers counted at 2 bytes per element
     (as an fp16 model would hold them, whatever dtype this run used)."""
-    from ..cache import TurboQuantKVCache
-
     total = 0
     for c in cache:
         if isinstance(c, mlx_cache.KVCache) and not c.empty():

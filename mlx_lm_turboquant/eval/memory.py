@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_cache
 
 from ..api import make_prompt_cache
@@ -35,7 +36,7 @@ def prefill_peak_memory(model, ids, scheme=None, tokens=4096, chunk=512, layers=
         cache = mlx_cache.make_prompt_cache(model)
     else:
         cache = make_prompt_cache(model, scheme, layers=layers)
-    weights = sum(v.nbytes for _, v in _leaves(model.parameters()))
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     x = mx.array(ids[None, :tokens])
     mx.eval(x)
     mx.clear_cache()
@@ -47,12 +48,6 @@ def prefill_peak_memory(model, ids, scheme=None, tokens=4096, chunk=512, layers=
     peak = mx.get_peak_memory()
     name = "fp16" if scheme is None else str(getattr(scheme, "name", scheme))
     return PrefillMemory(name, tokens, chunk, kv_bytes(cache), peak, weights)
-
-
-def _leaves(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 def bytes_table(dim: int = 128, n_kv_heads: int = 1) -> str:
