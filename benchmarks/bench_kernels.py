@@ -44,7 +44,7 @@ def setup_arg_parser():
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--decode-steps", type=int, default=48)
     p.add_argument("--sweep-blocks", type=int, nargs="*", default=[],
-                   help="also time turbo4 at the largest context for these TARGET_BLOCKS")
+                   help="also time turbo4 at every context for these TARGET_BLOCKS")
     p.add_argument("--out", default="benchmarks/results")
     return p
 
@@ -316,8 +316,8 @@ def main():
         default, result["block_sweep"] = launch.TARGET_BLOCKS, {}
         for n in args.sweep_blocks:
             launch.TARGET_BLOCKS = n
-            row = kernel_bench([max(args.contexts)], ["turbo4"], baselines=False)[0]
-            result["block_sweep"][n] = row["turbo4"]["ms"]
+            rows = kernel_bench(args.contexts, ["turbo4"], baselines=False)
+            result["block_sweep"][n] = {r["context"]: r["turbo4"]["ms"] for r in rows}
         launch.TARGET_BLOCKS = default
         print("blocks sweep (ms):", result["block_sweep"], flush=True)
     if not args.skip_e2e:

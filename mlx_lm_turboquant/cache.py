@@ -132,11 +132,16 @@ class TurboQuantKVCache(_BaseCache):
         if self.keys is None or prev + L > self.keys.shape[2]:
             self._grow(prev, L, new_keys, new_key_norms, new_values, new_value_norms)
         self.offset += L
+        # Static slices: mlx updates the buffers in place (a slice update with an array
+        # start copied them on CUDA, measured).
         self.keys[:, :, prev : self.offset] = new_keys
         self.values[:, :, prev : self.offset] = new_values
         if new_key_norms is not None:
             self.key_norms[:, :, prev : self.offset] = new_key_norms
         self.value_norms[:, :, prev : self.offset] = new_value_norms
+        kept = getattr(self, "_device_offset", None)
+        if kept is not None and kept[0] == prev:  # advance it on the device
+            self._device_offset = (self.offset, kept[1] + L)
         return (
             CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
             CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
@@ -151,6 +156,15 @@ class TurboQuantKVCache(_BaseCache):
         if self.scheme.key_bits == 0:
             return (keys.astype(self.dtype), None, *kernels.encode(self.value_codec, values))
         return kernels.encode_kv(self.key_codec, keys, self.value_codec, values)
+
+    def device_offset(self) -> mx.array:
+        """``[offset]`` as int32, kept on the device across decode steps: the fused kernels
+        read it there, where a new host array per layer and step would cost a transfer."""
+        kept = getattr(self, "_device_offset", None)
+        if kept is None or kept[0] != self.offset:
+            kept = (self.offset, mx.array([self.offset], dtype=mx.int32))
+            self._device_offset = kept
+        return kept[1]
 
     def _grow(self, prev, L, *new):
         """Allocate room for at least ``L`` more tokens, in whole steps.

@@ -155,6 +155,7 @@ def _rms(a, ref):
         ("turbo2v4", 96, 1, 4, "bool", False),
         ("turbo0v4", 64, 8, 1, None, True),
         ("turbo8v2", 64, 1, 4, "additive", False),
+        ("turbo4v3", 128, 8, 4, "causal", False),  # 32 rows: the warps split the rows
     ],
 )
 def test_emulated_attention_parity(monkeypatch, scheme, D, n_rep, L, mask, sinks):
@@ -213,3 +214,4 @@ def test_emulated_cache_update_uses_the_fused_encode(monkeypatch):
     assert calls == [1]  # keys and values in one launch
     assert _rms(k_hat, keys.astype(mx.float32)) <= 1.01 * _rms(ref_k, keys.astype(mx.float32))
     assert _rms(v_hat, values.astype(mx.float32)) <= 1.01 * _rms(ref_v, values.astype(mx.float32))
+

@@ -136,3 +136,26 @@ def test_dispatch_uses_the_fused_kernels():
     cache.update_and_fetch(mx.random.normal((1, 2, 300, 128)), mx.random.normal((1, 2, 300, 128)))
     assert kernels.run("decode_attention", q, cache, 0.1) is not None
     assert kernels.run("encode", cache.value_codec, mx.random.normal((2, 128))) is not None
+
+
+def test_decode_steps_and_compiled_attention_track_the_cache():
+    """Decode steps across a growth of the buffers: the steps write what one encode of all
+    tokens writes, and the compiled attention (with the token count kept on the device)
+    equals the plain launches."""
+    from mlx_lm_turboquant.kernels import launch
+
+    mx.random.seed(SEED)
+    k = mx.random.normal((1, 2, 262, 128)).astype(mx.bfloat16)
+    v = mx.random.normal((1, 2, 262, 128)).astype(mx.bfloat16)
+    q = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
+    cache = TurboQuantKVCache("turbo4", layer_index=3)
+    cache.update_and_fetch(k[:, :, :250], v[:, :, :250])
+    for t in range(250, 262):  # the buffers grow at 256
+        cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        fused = BACKEND.decode_attention(q, cache, 128**-0.5)
+        plain = launch.decode_attention(BACKEND.kernel, BACKEND.SHARED_BYTES, q, cache, 128**-0.5)
+        assert mx.array_equal(fused, plain), f"seed {SEED}, step {t}"
+    whole = TurboQuantKVCache("turbo4", layer_index=3)
+    whole.update_and_fetch(k, v)
+    for got, want in zip(cache.fetch(), whole.fetch()):
+        assert mx.array_equal(got, want), f"seed {SEED}"

@@ -53,6 +53,10 @@ PRELUDE = r"""
 # Static shared memory a block may use without opting in to more.
 SHARED_BYTES = 48 * 1024
 
+# Decode builds the same few launches per layer at every step: replaying them from an
+# mx.compile graph cuts the host time per layer several-fold (measured on the H100).
+COMPILED = True
+
 
 def available() -> bool:
     return mx.cuda.is_available()
@@ -74,7 +78,9 @@ def kernel(op: str):
 
 
 def decode_attention(queries, cache, scale, mask=None, sinks=None):
-    return launch.decode_attention(kernel, SHARED_BYTES, queries, cache, scale, mask, sinks)
+    return launch.decode_attention(
+        kernel, SHARED_BYTES, queries, cache, scale, mask, sinks, compiled=COMPILED
+    )
 
 
 def encode(codec, x):
@@ -83,3 +89,4 @@ def encode(codec, x):
 
 def encode_kv(key_codec, keys, value_codec, values):
     return launch.encode_kv(kernel, key_codec, keys, value_codec, values)
+

@@ -133,14 +133,14 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
          (mx.uint32, 4096 * plan.WK), (mx.float16, 4096),
          (mx.uint32, 4096 * plan.WV), (mx.float16, 4096), (mx.float32, kcent),
          (mx.float32, 1 << value_bits), (mx.float32, 4096 * R if mode == 2 else 1),
-         (mx.int32, 5)),
+         (mx.int32, 1), (mx.int32, 4)),
         (mx.float32, mx.float32),
     )  # fmt: skip
     red = KernelConfig(
         "reduce",
         (("D", D), ("R", R), ("L", L), ("NREP", n_rep), ("HAS_SINKS", sinks), ("OutT", key_dtype)),
         ((mx.float32, 64 * R * D), (mx.float32, 64 * R * 2), (mx.float32, 32 if sinks else 1),
-         (mx.float32, D * D), (mx.int32, 5)),
+         (mx.float32, D * D), (mx.int32, 4)),
         (key_dtype,),
     )  # fmt: skip
     return [attn, red]

@@ -7,14 +7,14 @@ the pure-MLX path), never a wrong answer.
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
 
 MAX_QUERIES = 8  # decode and speculative verification; longer prefill uses the reference
 MAX_ROWS = 64  # query rows sharing one KV head in one block (n_rep * L)
-TARGET_BLOCKS = 512  # blocks per call; 256-512 measured best at 128k tokens on an H100
+TARGET_BLOCKS = 512  # blocks per call: 512 to 8192 measured within run-to-run noise at 32k-128k (H100)
 PREFETCH_WORDS = 48  # registers per thread holding the next tile
 _NEG = -1e30  # a masked score, as in reference.py
 
@@ -34,8 +34,8 @@ class AttentionPlan:
     WK: int
     VBITS: int
     WV: int
-    CPT: int
-    TPC: int
+    VSPLIT: bool
+    RW: int
     Q_SH: bool
 
     @lru_cache(maxsize=None)  # built once per configuration: decode calls this per layer
@@ -51,13 +51,8 @@ class AttentionPlan:
         return hash(tuple(getattr(self, k) for k in self.__dataclass_fields__))
 
 
-def _threads(D: int):
-    """(threads per block, value coordinates per thread, threads per value coordinate)."""
-    if D % 128 == 0:
-        return 128, D // 128, 1
-    if 128 % D == 0:
-        return 128, 1, 128 // D
-    return D, 1, 1
+THREADS = 128  # four warps per block
+VALUE_REGISTERS = 64  # value accumulators per lane (rows x coordinates) at most
 
 
 @lru_cache(maxsize=None)
@@ -70,21 +65,33 @@ def attention_plan(
         return None
     if key_bits == 0 and key_dtype not in (mx.float16, mx.bfloat16):
         return None
-    NT, CPT, TPC = _threads(D)
+    if D * value_bits > 32 * 32:  # a lane's value codes must fit in one 32-bit field
+        return None
+    NT = THREADS
+    vcpl = D // 32
+    # Values: every warp holds every row (and the warps split the tokens) when the
+    # accumulators fit in registers, else each warp holds a share of the rows.
+    vsplit = R * vcpl <= VALUE_REGISTERS
+    rw = R if vsplit else -(-R // (NT // 32))
+    if rw * vcpl > VALUE_REGISTERS:
+        return None
     kbits = key_bits if key_bits else 16
     WK, WV = D * kbits // 32, D * value_bits // 32
     q_sh = D * R * 4 <= shared_bytes // 3
+    if vsplit and not q_sh:  # the warps sum their outputs in the query's shared space
+        return None
+    nkc = 1 << min(kbits, 8) if kbits < 16 else 1
+    tables = nkc * (32 if nkc <= 16 else 1) + (1 << value_bits) * 32
     for tile in (128, 64, 32):
         # The next tile waits in registers (tile * words / NT per thread): keep that small.
-        if tile > NT or (tile > 32 and tile * (WK + WV) > PREFETCH_WORDS * NT):
+        if tile > 32 and tile * (WK + WV) > PREFETCH_WORDS * NT:
             continue
-        psz = NT if TPC > 1 else tile
-        words = tile * ((WK | 1) + WV)
-        floats = (D * R if q_sh else 1) + R * psz + (1 << min(kbits, 8)) + (1 << value_bits) + 3 * R
+        words = tile * ((WK | 1) + WV) + 1
+        floats = (D * R if q_sh else 4) + R * tile + tables + 3 * R
         if 4 * (words + floats) <= shared_bytes:
             return AttentionPlan(
                 D, R, L, n_rep, NT, tile, kbits, key_dtype == mx.bfloat16,
-                WK, value_bits, WV, CPT, TPC, q_sh,
+                WK, value_bits, WV, vsplit, rw, q_sh,
             )  # fmt: skip
     return None
 
@@ -120,6 +127,22 @@ def _prepare_mask(mask, B, n_q_heads, L, T):
     return 2, m, mB != 1, mH != 1, mL != 1
 
 
+@lru_cache(maxsize=1024)
+def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks):
+    """``(n_splits, [capacity, span, n_splits, n_kv_heads])`` for the kernels. Spans follow the capacity,
+    not the token count, so this array (and the launch shape) only changes when the cache
+    grows, a step of 256 tokens; spans past the last token do nothing."""
+    span, n_splits = split_tokens(cap, n_blocks, tile)
+    return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
+
+
+def device_offset(cache) -> mx.array:
+    """The cache's token count as an int32 ``[1]`` array. Caches that keep it on the device
+    between steps say so; a new host array per layer and step costs a transfer on CUDA."""
+    keep = getattr(cache, "device_offset", None)
+    return keep() if keep is not None else mx.array([cache.offset], dtype=mx.int32)
+
+
 _ONE = None
 
 
@@ -130,68 +153,117 @@ def _dummy():
     return _ONE
 
 
-def decode_attention(kernel, shared_bytes, queries, cache, scale, mask=None, sinks=None):
+class _Launch(NamedTuple):
+    """Everything about one layer's attention launches that does not change per step."""
+
+    graph: Callable
+    tile: int
+    n_blocks: int  # batch x KV heads
+    rot: mx.array
+    kcent: mx.array
+    vcent: mx.array
+    rot_t: mx.array
+    float_keys: bool
+    outside_query: bool  # the query is too large for shared memory: scaled (and rotated) here
+    key_codec: object
+
+
+@lru_cache(maxsize=4096)  # a few entries per layer: decode looks its layer up every step
+def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads, B, n_q_heads,
+            L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled):  # fmt: skip
+    attn, reduce = kernel("attention"), kernel("reduce")
+    if attn is None or reduce is None or n_q_heads % n_kv_heads:
+        return None
+    n_rep = n_q_heads // n_kv_heads
+    key_bits = 0 if key_codec is None else key_codec.bits
+    plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_codec.bits, shared_bytes)
+    if plan is None:
+        return None
+    BH = B * n_kv_heads
+    q_in = q_dtype if plan.Q_SH else mx.float32
+    template = tuple(plan.template(q_in, scale, mode, mb, mh, ml))
+    graph = _attention_graph(kernel, plan, template, BH, has_sinks, q_dtype, compiled)
+    if key_codec is None:
+        rot = kcent = _dummy()
+    else:
+        rot, kcent = key_codec.rotation.matrix, key_codec.centroids
+    return _Launch(graph, plan.TILE, BH, rot, kcent, value_codec.centroids,
+                   value_codec.rotation.matrix_t, key_codec is None, not plan.Q_SH, key_codec)  # fmt: skip
+
+
+def decode_attention(
+    kernel, shared_bytes, queries, cache, scale, mask=None, sinks=None, compiled=False
+):
     """Fused attention of ``queries`` ``[B, H_q, L, D]`` over a TurboQuantKVCache.
 
     Returns ``[B, H_q, L, D]`` in ``queries.dtype``, or None when these shapes are not
-    covered (see :func:`attention_plan`) or the backend is missing.
+    covered (see :func:`attention_plan`) or the backend is missing. With ``compiled`` the
+    two launches are replayed from an ``mx.compile`` graph when no mask array is given,
+    which saves most of the host time of a decode step.
     """
     B, n_q_heads, L, D = queries.shape
-    attn, reduce = kernel("attention"), kernel("reduce")
-    if attn is None or reduce is None or cache.v_dim != D:
+    if cache.v_dim != D:
         return None
-    n_kv_heads, cap = cache.values.shape[1], cache.values.shape[2]
     T = cache.offset
-    if n_q_heads % n_kv_heads:
-        return None
-    n_rep = n_q_heads // n_kv_heads
-    key_codec, value_codec = cache.key_codec, cache.value_codec
-    key_bits = cache.scheme.key_bits
-    plan = attention_plan(D, n_rep, L, key_bits, cache.keys.dtype, value_codec.bits, shared_bytes)
-    if plan is None:
-        return None
     masking = _prepare_mask(mask, B, n_q_heads, L, T)
     if masking is None:
         return None
     mode, mask_arr, mb, mh, ml = masking
-
-    if plan.Q_SH:
-        q = queries  # each block scales and rotates its rows itself
-    else:
-        q = queries.astype(mx.float32) * scale
-        if key_codec is not None:
-            q = key_codec.rotation.forward(q)  # once per query, never per key
-    if key_codec is not None:
-        keys, key_norms, kcent = cache.keys, cache.key_norms, key_codec.centroids
-        rot = key_codec.rotation.matrix
-    else:
-        keys, key_norms, kcent = cache.keys.view(mx.uint32), cache.value_norms, _dummy()
-        rot = _dummy()
-    span, n_splits = split_tokens(T, B * n_kv_heads, plan.TILE)
-    meta = mx.array([T, cap, span, n_splits, n_kv_heads], dtype=mx.int32)
-    BH, R = B * n_kv_heads, plan.R
-    # The full-capacity buffers go in as they are (row-contiguous, so never copied).
-    o_part, ml_part = attn(
-        inputs=[q, rot, keys, key_norms, cache.values, cache.value_norms, kcent,
-                value_codec.centroids, _dummy() if mask_arr is None else mask_arr, meta],
-        template=plan.template(q.dtype, scale, mode, mb, mh, ml),
-        grid=(n_splits * plan.NT, BH, 1),
-        threadgroup=(plan.NT, 1, 1),
-        output_shapes=[(BH, n_splits, R, D), (BH, n_splits, R, 2)],
-        output_dtypes=[mx.float32, mx.float32],
+    setup = _launch(
+        kernel, shared_bytes, cache.key_codec, cache.value_codec, cache.keys.dtype,
+        cache.values.shape[1], B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
+        sinks is not None, compiled and mask_arr is None,
     )  # fmt: skip
-    has_sinks = sinks is not None
-    (out,) = reduce(
-        inputs=[o_part, ml_part, sinks.astype(mx.float32) if has_sinks else _dummy(),
-                value_codec.rotation.matrix_t, meta],
-        template=[("D", D), ("R", R), ("L", L), ("NREP", n_rep), ("HAS_SINKS", has_sinks),
-                  ("OutT", queries.dtype)],
-        grid=(BH * R * D, 1, 1),
-        threadgroup=(D, 1, 1),
-        output_shapes=[(BH * R, D)],
-        output_dtypes=[queries.dtype],
+    if setup is None:
+        return None
+    n_kv_heads, cap = cache.values.shape[1:3]
+    n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS)
+    q = queries
+    if setup.outside_query:  # once per query, never per key
+        q = queries.astype(mx.float32) * scale
+        if setup.key_codec is not None:
+            q = setup.key_codec.rotation.forward(q)
+    keys = cache.keys.view(mx.uint32) if setup.float_keys else cache.keys
+    key_norms = cache.value_norms if setup.float_keys else cache.key_norms
+    # The full-capacity buffers go in as they are (row-contiguous, so never copied).
+    out = setup.graph(
+        q, setup.rot, keys, key_norms, cache.values, cache.value_norms, setup.kcent,
+        setup.vcent, _dummy() if mask_arr is None else mask_arr, device_offset(cache), meta,
+        _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t, n_splits,
     )  # fmt: skip
     return out.reshape(B, n_q_heads, L, D)
+
+
+@lru_cache(maxsize=None)
+def _attention_graph(kernel, plan, template, BH, has_sinks, out_dtype, compiled):
+    """The two launches of one attention configuration as a function of arrays only (so a
+    compiled graph can never bake in one layer's rotation or one step's token count)."""
+    attn, reduce = kernel("attention"), kernel("reduce")
+    R, D = plan.R, plan.D
+    reduce_template = [("D", D), ("R", R), ("L", plan.L), ("NREP", plan.NREP),
+                       ("HAS_SINKS", has_sinks), ("OutT", out_dtype)]  # fmt: skip
+
+    def run(q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta, sinks,
+            rot_t, n_splits):  # fmt: skip
+        o_part, ml_part = attn(
+            inputs=[q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta],
+            template=list(template),
+            grid=(n_splits * plan.NT, BH, 1),
+            threadgroup=(plan.NT, 1, 1),
+            output_shapes=[(BH, n_splits, R, D), (BH, n_splits, R, 2)],
+            output_dtypes=[mx.float32, mx.float32],
+        )
+        (out,) = reduce(
+            inputs=[o_part, ml_part, sinks, rot_t, meta],
+            template=reduce_template,
+            grid=(BH * R * D, 1, 1),
+            threadgroup=(D, 1, 1),
+            output_shapes=[(BH * R, D)],
+            output_dtypes=[out_dtype],
+        )
+        return out
+
+    return mx.compile(run) if compiled else run
 
 
 def _rows(x, D):

@@ -17,50 +17,58 @@ which makes each group of 32 coordinates start on a word boundary.
 # the R = n_rep * L query rows of that KV head share each read of its packed keys and
 # values (GQA). Tiles of TILE tokens are staged in shared memory with coalesced loads;
 # scores are computed one thread per token (the query sits in shared memory, or is read
-# through the cache when too large), then an online softmax per row, then the values are
-# accumulated one thread per coordinate. Writes unnormalized partial outputs and their
-# (max, sum) for the reduce pass.
+# through the cache when too large), then an online softmax per row, then the values:
+# each lane owns VCPL = D / 32 adjacent coordinates and the warps take turns over the
+# tokens (VSPLIT: every warp holds every row) or own a share of the rows (all tokens).
+# Writes unnormalized partial outputs and their (max, sum) for the reduce pass.
+#
+# Shared memory is the limit on speed here, not arithmetic: the centroid tables of keys
+# (up to 16 entries) and values are replicated once per lane (entry c of lane l at
+# c * 32 + l), so the random lookups of a warp never hit the same bank twice.
 #
 # Templates: D, R, L, NREP, NT (threads), TILE (tokens per tile <= NT), KBITS (2/3/4/8, or
 # 16 for float keys with KEY_BF16 choosing the format), WK / WV (words per vector), VBITS,
-# CPT (value coordinates per thread), TPC (threads per value coordinate), Q_SH (query in
-# shared memory), PREP_Q (the block scales and rotates the raw query itself, saving the
-# launches of a separate pass; needs Q_SH), SCALE_BITS (the float32 bits of the scale),
-# QT (the query dtype), MASK_MODE (0 none, 1 causal, 2 additive array
-# [MB?B:1, MH?H_q:1, ML?L:1, T]). meta = [T, capacity, span, n_splits, n_kv_heads].
-# rot is the key rotation's matrix [D, D] (unused for float keys). Shared rows that are read
-# four at a time (query, weights) are float4 arrays when R % 4 == 0.
+# VSPLIT, RW (rows per warp in the value phase), Q_SH (query in shared memory), PREP_Q (the
+# block scales and rotates the raw query itself, saving the launches of a separate pass;
+# needs Q_SH), SCALE_BITS (the float32 bits of the scale), QT (the query dtype), MASK_MODE
+# (0 none, 1 causal, 2 additive array [MB?B:1, MH?H_q:1, ML?L:1, T]).
+# pos = [T] (kept on the device between steps); meta = [capacity, span, n_splits,
+# n_kv_heads] (constant until the cache grows). rot is the key rotation's matrix [D, D]
+# (unused for float keys). Shared rows that are read four at a time (query, weights) are
+# float4 arrays when R % 4 == 0.
 ATTENTION = r"""
   constexpr int NWARPS = NT / 32;
   constexpr int WPC = KBITS < 16 ? KBITS : 16;  // words per 32 key coordinates
   constexpr int KMASK = KBITS < 16 ? (1 << KBITS) - 1 : 0xFFFF;
   constexpr int VMASK = (1 << VBITS) - 1;
   constexpr int NKC = KBITS < 16 ? (1 << KBITS) : 1;
+  constexpr int KREP = NKC <= 16 ? 32 : 1;  // per-lane copies of the key centroids
   constexpr int KSTRIDE = WK | 1;  // odd row stride: one thread per token, no bank conflicts
-  constexpr int PSZ = TPC > 1 ? NT : TILE;
   constexpr int QSZ = Q_SH ? D * R : 4;
   constexpr bool VEC4 = R % 4 == 0;
+  constexpr int VCPL = D / 32;  // value coordinates per lane
+  constexpr int VFIELD = VCPL * VBITS;  // bits of one lane's codes in a value row (<= 32)
   constexpr float NEG = -1e30f;  // a masked score, as in the reference path
 
-  TQ_SHARED float4 q_sh4[QSZ / 4];  // [D][R]
+  TQ_SHARED float4 q_sh4[QSZ / 4];  // [D][R]; reused for the warps' outputs at the end
   TQ_SHARED uint32_t k_sh[TILE * KSTRIDE];
-  TQ_SHARED uint32_t v_sh[TILE * WV];
-  TQ_SHARED float4 p_sh4[(R * PSZ + 3) / 4];  // [token][R]: scores, then p * value_norm
+  TQ_SHARED uint32_t v_sh[TILE * WV + 1];  // + 1: a lane's field may end in the last word
+  TQ_SHARED float4 p_sh4[(R * TILE + 3) / 4];  // [token][R]: scores, then p * value_norm
   TQ_SHARED_PTR(float) q_sh = (TQ_SHARED_PTR(float))q_sh4;
   TQ_SHARED_PTR(float) p_sh = (TQ_SHARED_PTR(float))p_sh4;
-  TQ_SHARED float kc_sh[NKC];
-  TQ_SHARED float vc_sh[1 << VBITS];
+  TQ_SHARED float kc_sh[NKC * KREP];
+  TQ_SHARED float vc_sh[(1 << VBITS) * 32];
   TQ_SHARED float m_sh[R];
   TQ_SHARED float l_sh[R];
   TQ_SHARED float a_sh[R];
 
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
-  const int T = meta[0];
-  const int cap = meta[1];
-  const int span = meta[2];
-  const int n_splits = meta[3];
-  const int n_kv_heads = meta[4];
+  const int T = pos[0];
+  const int cap = meta[0];
+  const int span = meta[1];
+  const int n_splits = meta[2];
+  const int n_kv_heads = meta[3];
   const int split = tq_bx;
   const int bh = tq_by;
   const int b = bh / n_kv_heads;
@@ -105,29 +113,26 @@ ATTENTION = r"""
       }
     }
   }
-  for (int i = tq_tid; i < NKC; i += NT) {
-    kc_sh[i] = kcent[i];
+  for (int i = tq_tid; i < NKC * KREP; i += NT) {
+    kc_sh[i] = kcent[i / KREP];
   }
-  for (int i = tq_tid; i < (1 << VBITS); i += NT) {
-    vc_sh[i] = vcent[i];
+  for (int i = tq_tid; i < (1 << VBITS) * 32; i += NT) {
+    vc_sh[i] = vcent[i / 32];
   }
   if (tq_tid < R) {
     m_sh[tq_tid] = -TQ_INF;
     l_sh[tq_tid] = 0.0f;
   }
-
-  // Value coordinates of this thread: d_k = tq_tid % G + k * G; token copy tq_tid / G.
-  constexpr int G = NT / TPC;
-  const int vcopy = tq_tid / G;
-  int vword[CPT];
-  int vshift[CPT];
-  float acc[R * CPT];
-  TQ_UNROLL for (int k = 0; k < CPT; ++k) {
-    const int bit = (tq_tid % G + k * G) * VBITS;
-    vword[k] = bit >> 5;
-    vshift[k] = bit & 31;
+  if (tq_tid == 0) {
+    v_sh[TILE * WV] = 0u;
   }
-  TQ_UNROLL for (int i = 0; i < R * CPT; ++i) {
+
+  // Value phase: this lane's codes start at bit vbit0 of a row; rows vrow(i) of acc.
+  const int vbit0 = lane * VFIELD;
+  const int vw0 = vbit0 >> 5;
+  const int vsh0 = vbit0 & 31;
+  float acc[RW * VCPL];
+  TQ_UNROLL for (int i = 0; i < RW * VCPL; ++i) {
     acc[i] = 0.0f;
   }
 
@@ -184,6 +189,7 @@ ATTENTION = r"""
     if (tq_tid < TILE) {
       const int tt = tq_tid;
       const int t = t0 + tt;
+      const int krep = KREP > 1 ? lane : 0;
       float s[R];
       TQ_UNROLL for (int r = 0; r < R; ++r) {
         s[r] = 0.0f;
@@ -207,7 +213,7 @@ ATTENTION = r"""
               if (sh + KBITS > 32) {
                 code |= wr[((bit >> 5) + 1) % WPC] << (32 - sh);
               }
-              kv = kc_sh[(code & KMASK) % NKC];
+              kv = kc_sh[((code & KMASK) % NKC) * KREP + krep];
             }
             const int j = c * 32 + jj;
             if (VEC4 && Q_SH) {
@@ -273,58 +279,69 @@ ATTENTION = r"""
     }
     TQ_BARRIER();
 
-    // Values, one thread per coordinate (and TPC token copies when D < NT).
-    TQ_UNROLL for (int i = 0; i < R * CPT; ++i) {
-      acc[i] *= a_sh[i / CPT];
+    // Values: lane owns coordinates [lane * VCPL, (lane + 1) * VCPL); its codes are one
+    // field of VFIELD bits, read as two words once per token.
+    TQ_UNROLL for (int i = 0; i < RW; ++i) {
+      const int rr = VSPLIT ? i : warp + i * NWARPS;
+      const float a = rr < R ? a_sh[rr % R] : 1.0f;
+      TQ_UNROLL for (int k = 0; k < VCPL; ++k) {
+        acc[i * VCPL + k] *= a;
+      }
     }
-    for (int tt = vcopy; tt < n; tt += TPC) {
-      float w[R];
-      if (VEC4) {
-        TQ_UNROLL for (int r4 = 0; r4 < R / 4; ++r4) {
-          const float4 pv = p_sh4[(tt * R) / 4 + r4];
-          w[4 * r4] = pv.x;
-          w[(4 * r4 + 1) % R] = pv.y;
-          w[(4 * r4 + 2) % R] = pv.z;
-          w[(4 * r4 + 3) % R] = pv.w;
+    for (int tt = VSPLIT ? warp : 0; tt < n; tt += VSPLIT ? NWARPS : 1) {
+      float w[RW];
+      if (VSPLIT && VEC4) {
+        TQ_UNROLL for (int r4 = 0; r4 < RW / 4; ++r4) {
+          const float4 pv4 = p_sh4[((tt * R) / 4 + r4) % ((R * TILE + 3) / 4)];
+          w[4 * r4] = pv4.x;
+          w[(4 * r4 + 1) % RW] = pv4.y;
+          w[(4 * r4 + 2) % RW] = pv4.z;
+          w[(4 * r4 + 3) % RW] = pv4.w;
         }
       } else {
-        TQ_UNROLL for (int r = 0; r < R; ++r) {
-          w[r] = p_sh[tt * R + r];
+        TQ_UNROLL for (int i = 0; i < RW; ++i) {
+          const int rr = VSPLIT ? i : warp + i * NWARPS;
+          w[i] = rr < R ? p_sh[tt * R + rr % R] : 0.0f;
         }
       }
-      TQ_UNROLL for (int k = 0; k < CPT; ++k) {
-        uint32_t code = v_sh[tt * WV + vword[k]] >> vshift[k];
-        if (vshift[k] + VBITS > 32) {
-          code |= v_sh[tt * WV + vword[k] + 1] << (32 - vshift[k]);
-        }
-        const float cv = vc_sh[code & VMASK];
-        TQ_UNROLL for (int r = 0; r < R; ++r) {
-          acc[r * CPT + k] += w[r] * cv;
+      const uint32_t lo = v_sh[tt * WV + vw0];
+      const uint32_t hi = v_sh[tt * WV + vw0 + 1];
+      const uint32_t field = (uint32_t)((((uint64_t)hi << 32) | lo) >> vsh0);
+      TQ_UNROLL for (int k = 0; k < VCPL; ++k) {
+        const uint32_t code = (field >> (k * VBITS)) & VMASK;
+        const float cv = vc_sh[code * 32 + lane];
+        TQ_UNROLL for (int i = 0; i < RW; ++i) {
+          acc[i * VCPL + k] += w[i] * cv;
         }
       }
     }
   }
 
   const int64_t part = (int64_t)bh * n_splits + split;
-  if (TPC > 1) {
-    TQ_BARRIER();
-    TQ_UNROLL for (int r = 0; r < R; ++r) {
-      p_sh[tq_tid * R + r] = acc[r * CPT];
-    }
-    TQ_BARRIER();
-    if (tq_tid < D) {
-      TQ_UNROLL for (int r = 0; r < R; ++r) {
-        float v = 0.0f;
-        for (int c = 0; c < TPC; ++c) {
-          v += p_sh[(c * D + tq_tid) * R + r];
+  if (VSPLIT && NWARPS > 1) {
+    // Sum the warps' partial outputs in shared memory (the query's space, no longer read).
+    for (int wi = 0; wi < NWARPS; ++wi) {
+      TQ_BARRIER();
+      if (warp == wi) {
+        TQ_UNROLL for (int i = 0; i < RW; ++i) {
+          TQ_UNROLL for (int k = 0; k < VCPL; ++k) {
+            const int o = (i * D + lane * VCPL + k) % QSZ;
+            q_sh[o] = (wi == 0 ? 0.0f : q_sh[o]) + acc[i * VCPL + k];
+          }
         }
-        o_part[(part * R + r) * D + tq_tid] = v;
       }
     }
+    TQ_BARRIER();
+    for (int i = tq_tid; i < R * D; i += NT) {
+      o_part[part * R * D + i] = q_sh[i % QSZ];
+    }
   } else {
-    TQ_UNROLL for (int r = 0; r < R; ++r) {
-      TQ_UNROLL for (int k = 0; k < CPT; ++k) {
-        o_part[(part * R + r) * D + tq_tid + k * G] = acc[r * CPT + k];
+    TQ_UNROLL for (int i = 0; i < RW; ++i) {
+      const int rr = VSPLIT ? i : warp + i * NWARPS;
+      if (rr < R) {
+        TQ_UNROLL for (int k = 0; k < VCPL; ++k) {
+          o_part[(part * R + rr) * D + lane * VCPL + k] = acc[i * VCPL + k];
+        }
       }
     }
   }
@@ -344,8 +361,8 @@ REDUCE = r"""
   const int row = tq_bx;
   const int bh = row / R;
   const int r = row - bh * R;
-  const int n_splits = meta[3];
-  const int n_kv_heads = meta[4];
+  const int n_splits = meta[2];
+  const int n_kv_heads = meta[3];
   const int64_t first = (int64_t)bh * n_splits;
 
   float m = -TQ_INF;
@@ -459,7 +476,8 @@ ENCODE = r"""
 """
 
 ATTENTION_INPUTS = (
-    "q", "rot", "keys", "key_norms", "values", "value_norms", "kcent", "vcent", "mask", "meta",
+    "q", "rot", "keys", "key_norms", "values", "value_norms", "kcent", "vcent", "mask", "pos",
+    "meta",
 )  # fmt: skip
 ATTENTION_OUTPUTS = ("o_part", "ml_part")
 REDUCE_INPUTS = ("o_part", "ml_part", "sinks", "rot_t", "meta")
