@@ -141,7 +141,7 @@ def decode_attention(kernel, shared_bytes, queries, cache, scale, mask=None, sin
     if attn is None or reduce is None or cache.v_dim != D:
         return None
     n_kv_heads, cap = cache.values.shape[1], cache.values.shape[2]
-    T = cache.offset
+    T = cache.attended_tokens
     if n_q_heads % n_kv_heads:
         return None
     n_rep = n_q_heads // n_kv_heads
