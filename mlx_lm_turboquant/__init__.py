@@ -7,11 +7,13 @@ from .attention import turboquant_sdpa
 from .cache import TurboQuantKVCache
 from .config import KVScheme, parse_layer_spec, parse_scheme
 from .integration import activate, deactivate
+from .rotating_cache import RotatingTurboQuantKVCache
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KVScheme",
+    "RotatingTurboQuantKVCache",
     "TurboQuantKVCache",
     "activate",
     "deactivate",

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 from mlx_lm.models import cache as mlx_cache
 
 from .cache import TurboQuantKVCache
+from .rotating_cache import RotatingTurboQuantKVCache
 from .config import KVScheme, layer_spec_in_force, parse_layer_spec
 
 # Chosen from the layer study in docs/evaluation.md: on tq-llama-8k the last
@@ -82,8 +83,20 @@ def unsupported_reason(model) -> Optional[str]:
 
 
 def eligible_layers(cache: list) -> List[int]:
-    """Positions in ``cache`` that hold a plain full-attention ``KVCache``."""
-    return [i for i, c in enumerate(cache) if type(c) is mlx_cache.KVCache]
+    """Positions in ``cache`` that can be compressed: plain full-attention ``KVCache`` and
+    sliding-window ``RotatingKVCache`` layers (exact types: subclasses such as
+    ``ChunkedKVCache`` keep other semantics), in model order. A layer spec counts these."""
+    return [i for i, c in enumerate(cache) if type(c) in _COMPRESSIBLE]
+
+
+_COMPRESSIBLE = (mlx_cache.KVCache, mlx_cache.RotatingKVCache)
+
+
+def compressed_twin(c, scheme, layer_index: int):
+    """The TurboQuant cache standing in for mlx-lm's cache ``c`` (one of ``_COMPRESSIBLE``)."""
+    if type(c) is mlx_cache.RotatingKVCache:
+        return RotatingTurboQuantKVCache(scheme, layer_index, max_size=c.max_size, keep=c.keep)
+    return TurboQuantKVCache(scheme, layer_index=layer_index)
 
 
 @dataclass
@@ -102,11 +115,13 @@ class CachePlan:
 
 
 def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> CachePlan:
-    """Replace, in place, the chosen plain ``KVCache`` entries of ``cache`` by
-    TurboQuant caches; returns what was done and why the other layers were kept.
+    """Replace, in place, the chosen ``KVCache`` / ``RotatingKVCache`` entries of ``cache``
+    by TurboQuant caches (``TurboQuantKVCache`` / ``RotatingTurboQuantKVCache``); returns
+    what was done and why the other layers were kept.
 
     ``layers`` defaults to ``$MLX_TQ_LAYERS``, then the scheme's registered default,
-    then :func:`default_layer_spec`.
+    then :func:`default_layer_spec`. Its indices count the eligible layers only, full
+    and sliding-window alike, in model order (see :func:`eligible_layers`).
     """
     info = get_scheme(scheme)
     plan = CachePlan(info.scheme, len(cache))
@@ -124,7 +139,7 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
     chosen = parse_layer_spec(spec, len(positions))
     for k in chosen:
         i = positions[k]
-        cache[i] = TurboQuantKVCache(info.scheme, layer_index=i)
+        cache[i] = compressed_twin(cache[i], info.scheme, i)
         plan.compressed.append(i)
     skipped = [positions[k] for k in range(len(positions)) if k not in set(chosen)]
     if skipped:
@@ -147,15 +162,16 @@ def make_prompt_cache(
     Args:
         model: any mlx-lm model.
         scheme: scheme name (see :func:`schemes`) or a ``KVScheme``.
-        layers: which full-attention layers to compress, counted among those layers
-            only (``"all"``, ``"2:-2"``, ``"0,3-7"``, ...); default ``$MLX_TQ_LAYERS``,
-            else the scheme's registered default, else all but the last attention
-            layer (all of them when the model has fewer than 4).
+        layers: which attention layers to compress, counted among the eligible layers
+            only (full-attention and sliding-window, in model order: ``"all"``,
+            ``"2:-2"``, ``"0,3-7"``, ...); default ``$MLX_TQ_LAYERS``, else the scheme's
+            registered default, else all but the last eligible layer (all of them when
+            the model has fewer than 4).
         max_kv_size: passed to mlx-lm's ``make_prompt_cache`` (a bounded cache is a
-            ``RotatingKVCache``, which is left uncompressed).
+            ``RotatingKVCache``, compressed as a sliding window).
 
-    Layers that are not plain full-attention ``KVCache`` layers (sliding window,
-    state-space, latent caches) are left as the model made them.
+    Layers that are neither ``KVCache`` nor ``RotatingKVCache`` (state-space, chunked,
+    ``CacheList``, latent caches of MLA models) are left as the model made them.
     """
     cache = base_make_prompt_cache(model, max_kv_size=max_kv_size)
     compress_cache(model, cache, scheme, layers)

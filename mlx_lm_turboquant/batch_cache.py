@@ -143,22 +143,28 @@ class BatchTurboQuantKVCache(_BaseCache):
             CompressedKV(self, "values", (B, n_kv_heads, self._idx, v_dim), self.dtype),
         )
 
+    @property
+    def attended_tokens(self) -> int:
+        """How many slots of every row attention reads (padding included, masked out):
+        the physical end ``_idx`` here."""
+        return self._idx
+
     def keys_and_values(self):
         """Handles on the cached keys and values (see ``TurboQuantKVCache.keys_and_values``)."""
-        B, n_kv_heads = self.values.shape[:2]
+        B, n_kv_heads, T = self.values.shape[0], self.values.shape[1], self.attended_tokens
         return (
-            CompressedKV(self, "keys", (B, n_kv_heads, self._idx, self.k_dim), self.dtype),
-            CompressedKV(self, "values", (B, n_kv_heads, self._idx, self.v_dim), self.dtype),
+            CompressedKV(self, "keys", (B, n_kv_heads, T, self.k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, T, self.v_dim), self.dtype),
         )
 
     def attention_cache(self) -> TurboQuantKVCache:
-        """A single-cache view of all rows (``offset`` = the physical end ``_idx``),
-        sharing this cache's arrays: what ``turboquant_sdpa`` reads. Padding is
-        excluded by the mask from :meth:`make_mask`."""
+        """A single-cache view of all rows (``offset`` = :attr:`attended_tokens`), sharing
+        this cache's arrays: what ``turboquant_sdpa`` reads. Padding is excluded by the
+        mask from :meth:`make_mask`."""
         view = TurboQuantKVCache(self.scheme, self.layer_index)  # every default attribute
         view.k_dim, view.v_dim, view._dtype = self.k_dim, self.v_dim, self._dtype
         view.keys, view.key_norms, view.values, view.value_norms = self._arrays()
-        view.offset = self._idx
+        view.offset = self.attended_tokens
         return view
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
@@ -229,8 +235,10 @@ class BatchTurboQuantKVCache(_BaseCache):
 
     def extend(self, other: "BatchTurboQuantKVCache"):
         """Append the rows of ``other``, in place, right-aligning both at the later end."""
-        if not isinstance(other, BatchTurboQuantKVCache):
-            raise ValueError(f"cannot extend a BatchTurboQuantKVCache with {type(other).__name__}")
+        if type(other) is not type(self):
+            raise ValueError(
+                f"cannot extend a {type(self).__name__} with {type(other).__name__}"
+            )
         self._check_same_scheme(other)
         self._take_format(other)
         if self.keys is None and other.keys is None:
@@ -292,12 +300,16 @@ class BatchTurboQuantKVCache(_BaseCache):
         caches = list(caches)
         if not caches:
             raise ValueError("merge needs at least one cache")
-        template = next((c for c in caches if isinstance(c, TurboQuantKVCache)), None)
+        from .rotating_cache import RotatingTurboQuantKVCache
+
+        full = [isinstance(c, TurboQuantKVCache) and not isinstance(c, RotatingTurboQuantKVCache)
+                for c in caches]  # fmt: skip
+        template = next((c for c, f in zip(caches, full) if f), None)
         if template is None:
             raise ValueError("merge needs at least one TurboQuantKVCache to take the scheme from")
         converted = []
-        for c in caches:
-            if isinstance(c, TurboQuantKVCache):
+        for c, f in zip(caches, full):
+            if f:
                 converted.append(c)
             elif type(c) is KVCache:
                 converted.append(compress_kv_cache(c, template.scheme, template.layer_index))
@@ -348,6 +360,14 @@ class BatchTurboQuantKVCache(_BaseCache):
         v = list(v)
         if len(v) != 16:
             raise ValueError(f"BatchTurboQuantKVCache state holds 16 items, got {len(v)}")
+        self._load_state(v)
+
+    def _check_padding(self, pads, idx):
+        if any(not 0 <= p <= idx for p in pads):
+            raise ValueError(f"left_padding {pads} must lie in [0, {idx}]")
+
+    def _load_state(self, v):
+        """Check and take the 16 items of a ``BatchTurboQuantKVCache`` state."""
         arrays, (offset, left_padding, idx), scalars = v[:4], v[4:7], v[7:]
         if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
             raise ValueError(f"_idx must be a non-negative int, got {idx!r}")
@@ -369,9 +389,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         if offset.shape[0] != B or (arrays[2] is not None and any(
                 a is not None and a.shape[0] != B for a in arrays)):  # fmt: skip
             raise ValueError(f"batch arrays disagree on the number of rows ({B})")
-        pads = left_padding.tolist()
-        if any(not 0 <= p <= idx for p in pads):
-            raise ValueError(f"left_padding {pads} must lie in [0, {idx}]")
+        self._check_padding(left_padding.tolist(), idx)
         self.scheme, self.layer_index = single.scheme, single.layer_index
         self.k_dim, self.v_dim, self._dtype = single.k_dim, single.v_dim, single._dtype
         self._set(arrays)

@@ -139,9 +139,9 @@ class TurboQuantKVCache(_BaseCache):
         if new_key_norms is not None:
             self.key_norms[:, :, prev : self.offset] = new_key_norms
         self.value_norms[:, :, prev : self.offset] = new_value_norms
-        kept = getattr(self, "_device_offset", None)
+        kept = getattr(self, "_device_tokens", None)
         if kept is not None and kept[0] == prev:  # advance it on the device
-            self._device_offset = (self.offset, kept[1] + L)
+            self._device_tokens = (self.offset, kept[1] + L)
         return (
             CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
             CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
@@ -157,13 +157,14 @@ class TurboQuantKVCache(_BaseCache):
             return (keys.astype(self.dtype), None, *kernels.encode(self.value_codec, values))
         return kernels.encode_kv(self.key_codec, keys, self.value_codec, values)
 
-    def device_offset(self) -> mx.array:
-        """``[offset]`` as int32, kept on the device across decode steps: the fused kernels
-        read it there, where a new host array per layer and step would cost a transfer."""
-        kept = getattr(self, "_device_offset", None)
-        if kept is None or kept[0] != self.offset:
-            kept = (self.offset, mx.array([self.offset], dtype=mx.int32))
-            self._device_offset = kept
+    def device_tokens(self) -> mx.array:
+        """``[attended_tokens]`` as int32, kept on the device across decode steps: the fused
+        kernels read it there, where a new host array per layer and step costs a transfer."""
+        n = self.attended_tokens
+        kept = getattr(self, "_device_tokens", None)
+        if kept is None or kept[0] != n:
+            kept = (n, mx.array([n], dtype=mx.int32))
+            self._device_tokens = kept
         return kept[1]
 
     def _grow(self, prev, L, *new):
@@ -189,11 +190,17 @@ class TurboQuantKVCache(_BaseCache):
     def keys_and_values(self):
         """Handles on the cached keys and values (models that share one layer's KV with
         later layers read them this way; attention on them goes through the dispatcher)."""
-        B, n_kv_heads = self.values.shape[:2]
+        B, n_kv_heads, T = self.values.shape[0], self.values.shape[1], self.attended_tokens
         return (
-            CompressedKV(self, "keys", (B, n_kv_heads, self.offset, self.k_dim), self.dtype),
-            CompressedKV(self, "values", (B, n_kv_heads, self.offset, self.v_dim), self.dtype),
+            CompressedKV(self, "keys", (B, n_kv_heads, T, self.k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, T, self.v_dim), self.dtype),
         )
+
+    @property
+    def attended_tokens(self) -> int:
+        """How many tokens attention reads: the first ``attended_tokens`` rows of the stored
+        arrays. Equal to ``offset`` here; a sliding-window cache reads at most its window."""
+        return self.offset
 
     def size(self):
         return self.offset
@@ -234,14 +241,14 @@ class TurboQuantKVCache(_BaseCache):
     # -- reading the data back --------------------------------------------------
 
     def fetch(self):
-        """The used part of the stored arrays: ``(keys, key_norms, values, value_norms)``."""
-        T = self.offset
+        """The part of the stored arrays attention reads: ``(keys, key_norms, values, value_norms)``."""
+        T = self.attended_tokens
         key_norms = None if self.key_norms is None else self.key_norms[:, :, :T]
         return (self.keys[:, :, :T], key_norms, self.values[:, :, :T], self.value_norms[:, :, :T])
 
     def dequantize(self, dtype=mx.float32):
-        """Keys ``[B, H_kv, offset, D_k]`` and values ``[B, H_kv, offset, D_v]`` in the
-        original basis. For tests and debugging: attention never needs this."""
+        """Keys ``[B, H_kv, T, D_k]`` and values ``[B, H_kv, T, D_v]`` in the original basis
+        (``T`` = ``attended_tokens``, in storage order). For tests and debugging: attention never needs this."""
         keys, key_norms, values, value_norms = self.fetch()
         if self.scheme.key_bits == 0:
             keys = keys.astype(dtype)
@@ -250,6 +257,12 @@ class TurboQuantKVCache(_BaseCache):
         return keys, self.value_codec.decode(values, value_norms, dtype)
 
     # -- serialization ----------------------------------------------------------
+
+    _state_fields = _STATE_FIELDS  # the scalars after the 4 arrays, in order
+
+    def _stored_arrays(self):
+        """The arrays ``state`` saves: the used part (a sliding window saves its buffer)."""
+        return self.fetch()
 
     def _scalars(self):
         s = self.scheme
@@ -263,23 +276,21 @@ class TurboQuantKVCache(_BaseCache):
         if self.keys is None:
             arrays = (None, None, None, None)
         else:
-            arrays = self.fetch()
+            arrays = self._stored_arrays()
         if USES_META_STATE:
             return tuple(a if a is not None else mx.array([]) for a in arrays)
         return arrays + self._scalars()
 
     @state.setter
     def state(self, v):
-        v = list(v)
+        v, name, n = list(v), type(self).__name__, 4 + len(self._state_fields)
         if USES_META_STATE:
             if len(v) != 4:
-                raise ValueError(f"TurboQuantKVCache state holds 4 arrays, got {len(v)} items")
+                raise ValueError(f"{name} state holds 4 arrays, got {len(v)} items")
             arrays = v
         else:
-            if len(v) != 4 + len(_STATE_FIELDS):
-                raise ValueError(
-                    f"TurboQuantKVCache state holds {4 + len(_STATE_FIELDS)} items, got {len(v)}"
-                )
+            if len(v) != n:
+                raise ValueError(f"{name} state holds {n} items, got {len(v)}")
             arrays = v[:4]
             self._set_scalars(v[4:])
         self._set_arrays(arrays)
@@ -291,14 +302,17 @@ class TurboQuantKVCache(_BaseCache):
     @meta_state.setter
     def meta_state(self, v):
         v = list(v)
-        if len(v) != len(_STATE_FIELDS):
-            raise ValueError(f"meta_state holds {len(_STATE_FIELDS)} strings, got {len(v)}")
-        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = v
+        if len(v) != len(self._state_fields):
+            raise ValueError(f"meta_state holds {len(self._state_fields)} strings, got {len(v)}")
+        self._set_scalars(self._parse_meta(v))
+
+    @staticmethod
+    def _parse_meta(v):
+        """The scalars of ``_STATE_FIELDS`` back from their ``meta_state`` strings."""
+        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = v[: len(_STATE_FIELDS)]
         as_int = lambda x: None if x in ("", "None") else int(x)  # noqa: E731
-        self._set_scalars(
-            (name, int(kb), int(vb), nc == "True", int(seed), int(layer),
-             int(offset), as_int(k_dim), as_int(v_dim), dtype or None)
-        )  # fmt: skip
+        return (name, int(kb), int(vb), nc == "True", int(seed), int(layer),
+                int(offset), as_int(k_dim), as_int(v_dim), dtype or None)  # fmt: skip
 
     def _set_scalars(self, values):
         name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = values
@@ -354,8 +368,7 @@ class TurboQuantKVCache(_BaseCache):
         if not isinstance(self.values, mx.array) or self.values.ndim != 4:
             raise ValueError("TurboQuantKVCache values must be a [B, H_kv, T, words] array")
         B, H, T = self.values.shape[:3]
-        if self.offset > T:
-            raise ValueError(f"offset {self.offset} is beyond the {T} tokens stored")
+        self._check_positions(T)
         # Word counts from the dims alone: no codec is built from unchecked data.
         expected = {"values": ((B, H, T, packed_words(self.v_dim, self.scheme.value_bits)), mx.uint32),
                     "value_norms": ((B, H, T), mx.float16)}  # fmt: skip
@@ -377,6 +390,11 @@ class TurboQuantKVCache(_BaseCache):
                 )
         if self.scheme.key_bits == 0 and self.key_norms is not None:
             raise ValueError("fp16-key TurboQuantKVCache state must not carry key norms")
+
+    def _check_positions(self, T: int):
+        """The position scalars against the ``T`` tokens stored."""
+        if self.offset > T:
+            raise ValueError(f"offset {self.offset} is beyond the {T} tokens stored")
 
     @classmethod
     def from_state(cls, state, meta_state=None):

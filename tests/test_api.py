@@ -9,6 +9,7 @@ from mlx_lm.models import llama
 
 import mlx_lm_turboquant as tq
 from mlx_lm_turboquant import TurboQuantKVCache, make_prompt_cache
+from mlx_lm_turboquant.api import base_make_prompt_cache, compress_cache
 
 
 def _tiny_llama(layer_types=None, n_layers=4):
@@ -47,16 +48,39 @@ def test_layer_spec_and_env(monkeypatch):
         make_prompt_cache(model, "turbo9")
 
 
-def test_other_cache_types_are_left_alone(monkeypatch):
+def test_sliding_window_layers_are_compressed_and_counted_by_layer_specs(monkeypatch):
     monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
     model = _tiny_llama(["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
     cache = make_prompt_cache(model, "turbo4", layers="all")
     assert [type(c).__name__ for c in cache] == [
-        "RotatingKVCache", "TurboQuantKVCache", "RotatingKVCache", "TurboQuantKVCache",
+        "RotatingTurboQuantKVCache", "TurboQuantKVCache",
+        "RotatingTurboQuantKVCache", "TurboQuantKVCache",
     ]  # fmt: skip
-    # Layer specs count full-attention layers only: "-1" is the last of those.
+    plain = base_make_prompt_cache(model)
+    assert [(c.max_size, c.keep) for c in cache[::2]] == [(c.max_size, c.keep) for c in plain[::2]]
+    # Layer specs count every eligible layer, sliding ones included: "-1" is the last.
     cache = make_prompt_cache(model, "turbo4", layers="-1")
-    assert [type(c).__name__ for c in cache][1:] == ["KVCache", "RotatingKVCache", "TurboQuantKVCache"]
+    assert [type(c).__name__ for c in cache] == [
+        "RotatingKVCache", "KVCache", "RotatingKVCache", "TurboQuantKVCache",
+    ]  # fmt: skip
+    cache = make_prompt_cache(model, "turbo4", layers="0")
+    assert type(cache[0]).__name__ == "RotatingTurboQuantKVCache"
+    # The default keeps the last eligible layer (4 eligible layers here).
+    cache = make_prompt_cache(model, "turbo4")
+    assert [type(c).__name__ for c in cache][-1] == "KVCache"
+
+
+def test_other_cache_types_are_left_alone():
+    class Mixed:
+        layers = [object()] * 3
+
+        def make_cache(self):
+            return [mlx_cache.ChunkedKVCache(8), mlx_cache.ArraysCache(2), mlx_cache.KVCache()]
+
+    cache = base_make_prompt_cache(Mixed())
+    plan = compress_cache(Mixed(), cache, "turbo4")
+    assert [type(c).__name__ for c in cache] == ["ChunkedKVCache", "ArraysCache", "TurboQuantKVCache"]
+    assert plan.kept == {"ChunkedKVCache": [0], "ArraysCache": [1]}
 
 
 @pytest.mark.parametrize("layer_types", [None, ["sliding_attention", "full_attention"] * 2])

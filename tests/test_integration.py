@@ -161,18 +161,18 @@ def test_precedence_keyword_then_flag_then_env(monkeypatch):
 def test_a_scheme_that_cannot_take_effect_says_so_even_when_quiet(patched, monkeypatch, capsys):
     monkeypatch.setenv("MLX_TQ_QUIET", "1")
 
-    class Sliding:  # a model whose every layer has a sliding window
+    class Chunked:  # a model whose every layer is chunked attention
         layers = [object()] * 3
 
         def make_cache(self):
-            return [mlx_cache.RotatingKVCache(max_size=8) for _ in self.layers]
+            return [mlx_cache.ChunkedKVCache(chunk_size=8) for _ in self.layers]
 
     with state.using(state.select("turbo4", source="--kv-scheme")):
-        cache = mlx_cache.make_prompt_cache(Sliding())
-    assert all(type(c).__name__ == "RotatingKVCache" for c in cache)
+        cache = mlx_cache.make_prompt_cache(Chunked())
+    assert all(type(c).__name__ == "ChunkedKVCache" for c in cache)
     err = capsys.readouterr().err
     assert (
-        "turbo4 NOT applied (--kv-scheme): no layer can take it (kept 0-2 (RotatingKVCache))" in err
+        "turbo4 NOT applied (--kv-scheme): no layer can take it (kept 0-2 (ChunkedKVCache))" in err
     )
 
     class Model:  # an MLA family: its plain KVCache holds latents

@@ -159,3 +159,20 @@ def test_decode_steps_and_compiled_attention_track_the_cache():
     whole.update_and_fetch(k, v)
     for got, want in zip(cache.fetch(), whole.fetch()):
         assert mx.array_equal(got, want), f"seed {SEED}"
+
+
+def test_sliding_window_cache_takes_the_fused_kernel():
+    from mlx_lm_turboquant import RotatingTurboQuantKVCache
+
+    mx.random.seed(SEED)
+    k = mx.random.normal((1, 2, 300, 128)).astype(mx.bfloat16)
+    v = mx.random.normal((1, 2, 300, 128)).astype(mx.bfloat16)
+    q = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
+    cache = RotatingTurboQuantKVCache("turbo4", max_size=256)
+    cache.update_and_fetch(k[:, :, :290], v[:, :, :290])
+    for t in range(290, 300):  # decode steps wrap around the window
+        cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    fused = BACKEND.decode_attention(q, cache, 128**-0.5)
+    twin = reference_sdpa(q, cache, 128**-0.5)
+    assert fused is not None, "the window's decode must take the fused kernel"
+    assert _rms(fused, twin.astype(mx.float32)) <= 1e-2 * _rms(twin, mx.zeros_like(twin)), SEED

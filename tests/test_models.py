@@ -302,13 +302,13 @@ def compressed_types():
     return [t for t in model_types() if t not in UNCOMPRESSED]
 
 
-# Types left uncompressed (MLA latents, own attention, only state-space / sliding /
-# CacheList layers) or not built here: the first test covers them.
+# Types left uncompressed (MLA latents, own attention, only state-space / CacheList
+# layers) or not built here: the first test covers them.
 UNCOMPRESSED = set(
     "baichuan_m1 bailing_hybrid bailing_moe_v3 bitnet deepseek_v3 deepseek_v32 deepseek_v41 "
     "falcon_h1 gemma2 glm4_moe_lite glm_moe_dsa kimi_k25 kimi_k3 kimi_linear kimi_vl "
     "longcat_flash longcat_flash_ngram mamba mamba2 minimax_m3_vl mistral4 muse_spark olmo "
-    "phi3small plamo plamo2 prism_hadamard_qwen35 recurrent_gemma rwkv7".split()
+    "phi3small plamo plamo2 prism_hadamard_qwen35 rwkv7".split()
 )
 
 
@@ -325,7 +325,16 @@ def test_model_type_batches_like_one_at_a_time(model_type, patched_module, monke
         model, batched, alone, seen = run_batch(model_type)
     except NotRunnable as e:
         pytest.skip(str(e))
-    assert "BatchTurboQuantKVCache" in seen
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    from mlx_lm_turboquant.api import base_make_prompt_cache
+
+    kinds = {type(c) for c in base_make_prompt_cache(model)}
+    # Sliding-window layers batch compressed too (the prompts outgrow the 8-token window).
+    if RotatingKVCache in kinds:
+        assert "BatchRotatingTurboQuantKVCache" in seen
+    if KVCache in kinds:
+        assert "BatchTurboQuantKVCache" in seen
     if batched != alone:
         plain = batch_tokens(model, "none")[0]
         if plain != [alone_tokens(model, p, "none") for p in BATCH_PROMPTS]:

@@ -1,7 +1,7 @@
 """Seam: prompt-cache files (``save_prompt_cache`` / ``load_prompt_cache``).
 
 * ``load_prompt_cache`` finds classes by name in ``mlx_lm.models.cache``: our cache
-  class is registered there.
+  classes (full and sliding-window, single and batch) are registered there.
 * Saving records the scheme in the file's metadata (``kv_scheme``, ``kv_layers``).
 * Loading checks the file before mlx-lm builds anything from it (readable, known
   class names, one entry per class, scheme metadata consistent with the layers) and
@@ -16,6 +16,20 @@ from . import _patching, state
 
 CLASS_NAME = "TurboQuantKVCache"
 BATCH_CLASS_NAME = "BatchTurboQuantKVCache"
+ROTATING_CLASS_NAME = "RotatingTurboQuantKVCache"
+BATCH_ROTATING_CLASS_NAME = "BatchRotatingTurboQuantKVCache"
+CLASS_NAMES = (CLASS_NAME, BATCH_CLASS_NAME, ROTATING_CLASS_NAME, BATCH_ROTATING_CLASS_NAME)
+
+
+def _classes():
+    from ..batch_cache import BatchTurboQuantKVCache
+    from ..cache import TurboQuantKVCache
+    from ..rotating_batch_cache import BatchRotatingTurboQuantKVCache
+    from ..rotating_cache import RotatingTurboQuantKVCache
+
+    classes = (TurboQuantKVCache, BatchTurboQuantKVCache, RotatingTurboQuantKVCache,
+               BatchRotatingTurboQuantKVCache)  # fmt: skip
+    return dict(zip(CLASS_NAMES, classes))
 
 
 def _known_classes(cache_module):
@@ -170,11 +184,8 @@ def _wrap_load(original):
 def install():
     from mlx_lm.models import cache as cache_module
 
-    from ..batch_cache import BatchTurboQuantKVCache
-    from ..cache import TurboQuantKVCache
-
-    setattr(cache_module, CLASS_NAME, TurboQuantKVCache)
-    setattr(cache_module, BATCH_CLASS_NAME, BatchTurboQuantKVCache)
+    for name, cls in _classes().items():
+        setattr(cache_module, name, cls)
     _patching.swap(cache_module, "save_prompt_cache", _wrap_save)
     _patching.swap(cache_module, "load_prompt_cache", _wrap_load)
 
@@ -185,7 +196,7 @@ def uninstall():
         return
     _patching.restore(module, "save_prompt_cache")
     _patching.restore(module, "load_prompt_cache")
-    for name in (CLASS_NAME, BATCH_CLASS_NAME):
+    for name in CLASS_NAMES:
         if name in vars(module):
             delattr(module, name)
 
@@ -194,8 +205,7 @@ def is_installed() -> bool:
     module = _patching.loaded("mlx_lm.models.cache")
     return (
         module is not None
-        and CLASS_NAME in vars(module)
-        and BATCH_CLASS_NAME in vars(module)
+        and all(name in vars(module) for name in CLASS_NAMES)
         and _patching.swapped(module, "save_prompt_cache")
         and _patching.swapped(module, "load_prompt_cache")
     )

@@ -90,8 +90,8 @@ def describe(model, plan, source: str, label: str = "") -> str:
     if not plan.compressed:
         return (
             f"{who}{s.name} NOT applied ({source}): no layer can take it "
-            f"({kept or 'no plain KVCache layer'}); --max-kv-size makes every layer a "
-            "RotatingKVCache"
+            f"({kept or 'no KVCache or RotatingKVCache layer'}); for models without their "
+            "own cache layout --max-kv-size makes every layer a (compressible) RotatingKVCache"
         )
     parts = [
         f"{who}{s.name} ({source}) on {len(plan.compressed)}/{n} layers [{ranges(plan.compressed)}]"

@@ -136,11 +136,12 @@ def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks):
     return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
 
 
-def device_offset(cache) -> mx.array:
-    """The cache's token count as an int32 ``[1]`` array. Caches that keep it on the device
-    between steps say so; a new host array per layer and step costs a transfer on CUDA."""
-    keep = getattr(cache, "device_offset", None)
-    return keep() if keep is not None else mx.array([cache.offset], dtype=mx.int32)
+def device_tokens(cache) -> mx.array:
+    """How many tokens attention reads, as an int32 ``[1]`` array. Caches that keep it on
+    the device between steps say so; a new host array per layer and step costs a transfer
+    on CUDA."""
+    keep = getattr(cache, "device_tokens", None)
+    return keep() if keep is not None else mx.array([cache.attended_tokens], dtype=mx.int32)
 
 
 _ONE = None
@@ -204,7 +205,7 @@ def decode_attention(
     B, n_q_heads, L, D = queries.shape
     if cache.v_dim != D:
         return None
-    T = cache.offset
+    T = cache.attended_tokens
     masking = _prepare_mask(mask, B, n_q_heads, L, T)
     if masking is None:
         return None
@@ -228,7 +229,7 @@ def decode_attention(
     # The full-capacity buffers go in as they are (row-contiguous, so never copied).
     out = setup.graph(
         q, setup.rot, keys, key_norms, cache.values, cache.value_norms, setup.kcent,
-        setup.vcent, _dummy() if mask_arr is None else mask_arr, device_offset(cache), meta,
+        setup.vcent, _dummy() if mask_arr is None else mask_arr, device_tokens(cache), meta,
         _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t, n_splits,
     )  # fmt: skip
     return out.reshape(B, n_q_heads, L, D)
