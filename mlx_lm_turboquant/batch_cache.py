@@ -289,9 +289,14 @@ class BatchTurboQuantKVCache(_BaseCache):
         (a1, o1, p1), (a2, o2, p2) = pad(self), pad(other)
         if self.scheme.variant == "split":
             H = ref.values.shape[1]
-            c1, c2 = (c._channels() if c.key_channels is not None else
-                      (identity_channels(c.batch_size, H, self.k_dim),
-                       identity_channels(c.batch_size, H, self.v_dim)) for c in (self, other))  # fmt: skip
+
+            def orders(c):  # rows that joined without tokens keep the model's order
+                if c.key_channels is not None:
+                    return c._channels()
+                return (identity_channels(c.batch_size, H, self.k_dim),
+                        identity_channels(c.batch_size, H, self.v_dim))  # fmt: skip
+
+            c1, c2 = orders(self), orders(other)
             self._set_channels(mx.concatenate([x, y]) for x, y in zip(c1, c2))
         self._set(None if x is None else mx.concatenate([x, y]) for x, y in zip(a1, a2))
         self.offset = mx.concatenate([o1, o2])

@@ -14,7 +14,7 @@ from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from . import kernels
 from .codec import codec_for
-from .codec.split import identity_channels, inverse_order, outlier_channels, permute
+from .codec.split import inverse_order, outlier_channels, permute
 from .config import VARIANTS, KVScheme, parse_scheme
 
 # mlx-lm <= 0.32.0 keeps scalars in `meta_state` (strings) and calls
@@ -360,7 +360,8 @@ class TurboQuantKVCache(_BaseCache):
             kb, vb, variant
         ):
             raise ValueError(
-                f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}, variant={variant!r}"
+                f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}, "
+                f"variant={variant!r}"
             )
         self.scheme = KVScheme(name, kb, vb, bool(nc), seed, variant)
         for field, x in (("layer_index", layer), ("offset", offset)):

@@ -31,6 +31,11 @@ def _estimate(codec, q, x):
     return np.array(score, dtype=np.float64)
 
 
+def _mse_estimate(codec, q, x):
+    decoded = codec.decode(*codec.encode(mx.array(x, dtype=mx.float32)))
+    return np.array((mx.array(q, dtype=mx.float32) * decoded).sum(-1), dtype=np.float64)
+
+
 # -- names -------------------------------------------------------------------------
 
 
@@ -87,10 +92,8 @@ def test_prod_estimate_is_unbiased_over_sketches(bits):
     assert (np.abs(prod.mean(0) - true) < 5 * np.sqrt(bound / n)).all()
     assert (prod.var(0) < bound).all()
     if bits == 2:  # 1-bit MSE alone: the 2/pi-type shrinkage the paper's Algorithm 2 removes
-        mse = np.stack([
-            np.array((mx.array(q, dtype=mx.float32) * c.decode(*c.encode(mx.array(x, dtype=mx.float32)))).sum(-1))
-            for c in (TurboQuantCodec(D, 1, seed, False) for seed in range(20))
-        ])  # fmt: skip
+        mse = np.stack([_mse_estimate(TurboQuantCodec(D, 1, seed, False), q, x)
+                        for seed in range(20)])  # fmt: skip
         assert (mse.mean(0) < 0.9 * true).all()
 
 
@@ -106,8 +109,7 @@ def test_prod_distortion_within_the_paper_bounds(bits):
     assert abs(err / PAPER_PROD[bits] - 1) < 0.25
     # At equal bits the biased MSE estimate has the smaller error (the paper's Fig. 3
     # trend; why peers keep MSE keys for softmax attention).
-    mse = TurboQuantCodec(D, bits, 3, False)
-    est = np.array((mx.array(q, dtype=mx.float32) * mse.decode(*mse.encode(mx.array(x, dtype=mx.float32)))).sum(-1))
+    est = _mse_estimate(TurboQuantCodec(D, bits, 3, False), q, x)
     assert D * np.mean((est - (q * x).sum(1)) ** 2) < err / 3
 
 
@@ -143,8 +145,10 @@ def _kv(B=1, H=2, L=40, seed=0, outliers=()):
     return mx.array(k), mx.array(v)
 
 
-@pytest.mark.parametrize("scheme, words, norms", [("turbo4-prod", 16, 2), ("turbo3-prod", 12, 2),
-                                                  ("turbo2.5", 10, 2), ("turbo3.5", 14, 2)])  # fmt: skip
+@pytest.mark.parametrize(
+    "scheme, words, norms",
+    [("turbo4-prod", 16, 2), ("turbo3-prod", 12, 2), ("turbo2.5", 10, 2), ("turbo3.5", 14, 2)],
+)
 def test_stored_format(scheme, words, norms):
     c = TurboQuantKVCache(scheme)
     c.update_and_fetch(*_kv(L=256))
