@@ -14,10 +14,12 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, _BaseCache, dynamic_roll
 
-from .cache import MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache
+from .cache import MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache, check_channel_order
+from .codec.split import identity_channels
 from .config import KVScheme, parse_scheme
 
-_NAMES = ("keys", "key_norms", "values", "value_norms")
+_NAMES = ("keys", "key_norms", "values", "value_norms")  # per token: [B, H_kv, T, ...]
+_CHANNELS = ("key_channels", "value_channels")  # per row, split schemes only: [B, H_kv, D]
 
 
 def _as_list(indices, n_rows: int) -> List[int]:
@@ -43,6 +45,10 @@ class BatchTurboQuantKVCache(_BaseCache):
         key_norms: ``[B, H_kv, T]`` float16 (None when key_bits == 0).
         values: ``[B, H_kv, T, words_v]`` uint32.
         value_norms: ``[B, H_kv, T]`` float16.
+        (norms carry a trailing axis of 2 for prod keys and split schemes, as in the single cache)
+        key_channels, value_channels: split schemes only, ``[B, H_kv, D]`` int32, each row's
+            channel order chosen from its own first tokens (padding left out); rows move with
+            their channel orders. A row that joins without tokens keeps the model's order.
         offset: ``[B]`` int32, the position of the next token of each row (RoPE offset).
         left_padding: ``[B]`` int32.
     """
@@ -60,6 +66,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         self.scheme: KVScheme = single.scheme
         self.layer_index = layer_index
         self.keys = self.key_norms = self.values = self.value_norms = None
+        self.key_channels = self.value_channels = None
         self.k_dim = self.v_dim = None
         self.dtype = None
         self.left_padding = mx.array(left_padding, dtype=mx.int32)
@@ -71,6 +78,19 @@ class BatchTurboQuantKVCache(_BaseCache):
     dtype = TurboQuantKVCache.dtype
     key_codec = TurboQuantKVCache.key_codec
     value_codec = TurboQuantKVCache.value_codec
+    plain = TurboQuantKVCache.plain
+
+    def _token_weights(self, L):
+        """``[B, L]``: 1 where a new token is real, 0 where it is left padding."""
+        positions = mx.arange(self._idx, self._idx + L)[None, :]
+        return positions >= self.left_padding[:, None]
+
+    def _channels(self):
+        return tuple(getattr(self, n) for n in _CHANNELS)
+
+    def _set_channels(self, channels):
+        for name, a in zip(_CHANNELS, channels):
+            setattr(self, name, a)
 
     @property
     def batch_size(self) -> int:
@@ -164,6 +184,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         view = TurboQuantKVCache(self.scheme, self.layer_index)  # every default attribute
         view.k_dim, view.v_dim, view._dtype = self.k_dim, self.v_dim, self._dtype
         view.keys, view.key_norms, view.values, view.value_norms = self._arrays()
+        view.key_channels, view.value_channels = self._channels()
         view.offset = self.attended_tokens
         return view
 
@@ -211,7 +232,7 @@ class BatchTurboQuantKVCache(_BaseCache):
 
     @property
     def nbytes(self):
-        return sum(a.nbytes for a in self._arrays() if a is not None)
+        return sum(a.nbytes for a in self._arrays() + self._channels() if a is not None)
 
     # -- batch operations -------------------------------------------------------
 
@@ -223,6 +244,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         idx = mx.array(keep)
         if self.keys is not None:
             self._set(None if a is None else a[idx] for a in self._arrays())
+        self._set_channels(None if a is None else a[idx] for a in self._channels())
         self.offset = self.offset[idx]
         self.left_padding = self.left_padding[idx]
         # Drop the padding columns every kept row has (as BatchKVCache does).
@@ -273,6 +295,17 @@ class BatchTurboQuantKVCache(_BaseCache):
             return out, c.offset, c.left_padding + left
 
         (a1, o1, p1), (a2, o2, p2) = pad(self), pad(other)
+        if self.scheme.variant == "split":
+            H = ref.values.shape[1]
+
+            def orders(c):  # rows that joined without tokens keep the model's order
+                if c.key_channels is not None:
+                    return c._channels()
+                return (identity_channels(c.batch_size, H, self.k_dim),
+                        identity_channels(c.batch_size, H, self.v_dim))  # fmt: skip
+
+            c1, c2 = orders(self), orders(other)
+            self._set_channels(mx.concatenate([x, y]) for x, y in zip(c1, c2))
         self._set(None if x is None else mx.concatenate([x, y]) for x, y in zip(a1, a2))
         self.offset = mx.concatenate([o1, o2])
         self.left_padding = mx.concatenate([p1, p2])
@@ -289,6 +322,9 @@ class BatchTurboQuantKVCache(_BaseCache):
         cache.keys, cache.key_norms, cache.values, cache.value_norms = (
             None if a is None else mx.contiguous(a[idx : idx + 1, :, start : self._idx])
             for a in self._arrays()
+        )
+        cache.key_channels, cache.value_channels = (
+            None if a is None else mx.contiguous(a[idx : idx + 1]) for a in self._channels()
         )
         cache.offset = self._idx - start
         return cache
@@ -342,6 +378,16 @@ class BatchTurboQuantKVCache(_BaseCache):
                 if dst is not None:
                     dst[i : i + 1, :, p:] = src
         batch._set(arrays)
+        if template.scheme.variant == "split":
+            H = like[2].shape[1]
+            batch._set_channels(
+                mx.concatenate([
+                    getattr(c, name) if getattr(c, name) is not None
+                    else identity_channels(1, H, dim)
+                    for c in converted
+                ])
+                for name, dim in zip(_CHANNELS, (batch.k_dim, batch.v_dim))
+            )  # fmt: skip
         batch._idx = max_length
         return batch
 
@@ -353,13 +399,16 @@ class BatchTurboQuantKVCache(_BaseCache):
         return self._arrays() + (
             self.offset, self.left_padding, self._idx, s.name, s.key_bits, s.value_bits,
             s.norm_correction, s.seed, self.layer_index, self.k_dim, self.v_dim, self._dtype,
-        )  # fmt: skip
+            s.variant,
+        ) + self._channels()  # fmt: skip
 
     @state.setter
     def state(self, v):
         v = list(v)
-        if len(v) != 16:
-            raise ValueError(f"BatchTurboQuantKVCache state holds 16 items, got {len(v)}")
+        if len(v) == 16:  # written before the variant and channel orders existed
+            v += ["mse", None, None]
+        if len(v) != 19:
+            raise ValueError(f"BatchTurboQuantKVCache state holds 19 items, got {len(v)}")
         self._load_state(v)
 
     def _check_padding(self, pads, idx):
@@ -367,18 +416,22 @@ class BatchTurboQuantKVCache(_BaseCache):
             raise ValueError(f"left_padding {pads} must lie in [0, {idx}]")
 
     def _load_state(self, v):
-        """Check and take the 16 items of a ``BatchTurboQuantKVCache`` state."""
-        arrays, (offset, left_padding, idx), scalars = v[:4], v[4:7], v[7:]
+        """Check and take the 19 items of a ``BatchTurboQuantKVCache`` state."""
+        arrays, (offset, left_padding, idx), scalars, channels = v[:4], v[4:7], v[7:17], v[17:]
         if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
             raise ValueError(f"_idx must be a non-negative int, got {idx!r}")
-        name, kb, vb, nc, seed, layer, k_dim, v_dim, dtype = scalars
+        name, kb, vb, nc, seed, layer, k_dim, v_dim, dtype, variant = scalars
         # The single cache checks the scalars and the arrays of one row (offset = _idx).
         single = TurboQuantKVCache.__new__(TurboQuantKVCache)
-        single._set_scalars((name, kb, vb, nc, seed, layer, idx, k_dim, v_dim, dtype))
+        single._set_scalars((name, kb, vb, nc, seed, layer, idx, k_dim, v_dim, dtype, variant))
         arrays = [None if a is None or a.size == 0 else a for a in arrays]
+        channels = [None if a is None or a.size == 0 else a for a in channels]
         if arrays[2] is not None:
             row = [None if a is None else a[:1] for a in arrays]
             single.keys, single.key_norms, single.values, single.value_norms = row
+            single.key_channels, single.value_channels = (
+                None if a is None else a[:1] for a in channels
+            )
             single._validate()
         elif idx:
             raise ValueError("BatchTurboQuantKVCache state has no values but claims tokens")
@@ -387,12 +440,16 @@ class BatchTurboQuantKVCache(_BaseCache):
                 raise ValueError(f"{field} must be a 1-d array")
         B = left_padding.shape[0]
         if offset.shape[0] != B or (arrays[2] is not None and any(
-                a is not None and a.shape[0] != B for a in arrays)):  # fmt: skip
+                a is not None and a.shape[0] != B for a in arrays + channels)):  # fmt: skip
             raise ValueError(f"batch arrays disagree on the number of rows ({B})")
+        for field, a in zip(_CHANNELS, channels):
+            if a is not None:
+                check_channel_order(field, a)
         self._check_padding(left_padding.tolist(), idx)
         self.scheme, self.layer_index = single.scheme, single.layer_index
         self.k_dim, self.v_dim, self._dtype = single.k_dim, single.v_dim, single._dtype
         self._set(arrays)
+        self._set_channels(channels)
         self.offset, self.left_padding = offset.astype(mx.int32), left_padding.astype(mx.int32)
         self._idx = idx
         self._right_padding = None

@@ -13,9 +13,9 @@ import numpy as np
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from . import kernels
-from .codec import get_codec
-from .codec.packing import packed_words
-from .config import KVScheme, parse_scheme
+from .codec import codec_for
+from .codec.split import inverse_order, outlier_channels, permute
+from .config import VARIANTS, KVScheme, parse_scheme
 
 # mlx-lm <= 0.32.0 keeps scalars in `meta_state` (strings) and calls
 # `from_state(state, meta_state)`; 0.32.2 stores Python scalars inside `state`.
@@ -28,14 +28,25 @@ MAX_NAME = 64
 
 _STATE_FIELDS = (
     "scheme", "key_bits", "value_bits", "norm_correction", "seed",
-    "layer_index", "offset", "k_dim", "v_dim", "dtype",
+    "layer_index", "offset", "k_dim", "v_dim", "dtype", "variant",
 )  # fmt: skip
+# Files written before the variant field existed: 10 scalars, variant "mse", no channels.
+_LEGACY_FIELDS = len(_STATE_FIELDS) - 1
+_CHANNELS = ("key_channels", "value_channels")
 
 
 @lru_cache(maxsize=None)  # looked up for every layer at every decode step
 def layer_seed(base_seed: int, layer_index: int, kind: int) -> int:
     """A rotation seed per (layer, keys=0 / values=1), stable across runs and platforms."""
     return int(np.random.SeedSequence([base_seed, layer_index, kind]).generate_state(1)[0])
+
+
+def check_channel_order(name: str, channels: mx.array):
+    """Each head's channel order must be a permutation of 0..D-1 (a loaded file could hold
+    anything, and a gather with a repeated index would silently drop a channel)."""
+    order = np.sort(np.array(channels), axis=-1)
+    if not (order == np.arange(order.shape[-1])).all():
+        raise ValueError(f"{name} must hold a permutation of each head's channels")
 
 
 class CompressedKV:
@@ -70,12 +81,16 @@ class TurboQuantKVCache(_BaseCache):
 
     Stored arrays (``T`` = capacity, grown in steps of ``step``):
         keys: ``[B, H_kv, T, words_k]`` uint32, or ``[B, H_kv, T, D_k]`` float when key_bits == 0.
-        key_norms: ``[B, H_kv, T]`` float16 (None when key_bits == 0).
+        key_norms: ``[B, H_kv, T]`` float16 (None when key_bits == 0); ``[B, H_kv, T, 2]``
+            for prod keys (MSE scale, residual norm) and split schemes (one per half).
         values: ``[B, H_kv, T, words_v]`` uint32.
-        value_norms: ``[B, H_kv, T]`` float16.
+        value_norms: ``[B, H_kv, T]`` float16; ``[B, H_kv, T, 2]`` for split schemes.
+        key_channels, value_channels: split schemes only, ``[B, H_kv, D]`` int32: each head's
+            channel order, outliers first, chosen from the first tokens the cache sees.
     """
 
     step = 256
+    key_channels = value_channels = None  # also for instances made by __new__
 
     def __init__(self, scheme="turbo4", layer_index: int = 0):
         self.scheme: KVScheme = parse_scheme(scheme)
@@ -84,6 +99,7 @@ class TurboQuantKVCache(_BaseCache):
         self.layer_index = layer_index
         self.offset = 0
         self.keys = self.key_norms = self.values = self.value_norms = None
+        self.key_channels = self.value_channels = None
         self.k_dim = self.v_dim = None
         self.dtype = None
 
@@ -101,17 +117,25 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def key_codec(self):
-        if self.scheme.key_bits == 0 or self.k_dim is None:
+        s = self.scheme
+        if s.key_bits == 0 or self.k_dim is None:
             return None
-        seed = layer_seed(self.scheme.seed, self.layer_index, 0)
-        return get_codec(self.k_dim, self.scheme.key_bits, seed, self.scheme.norm_correction)
+        seed = layer_seed(s.seed, self.layer_index, 0)
+        return codec_for(s.variant, self.k_dim, s.key_bits, seed, s.norm_correction)
 
     @property
     def value_codec(self):
+        s = self.scheme
         if self.v_dim is None:
             return None
-        seed = layer_seed(self.scheme.seed, self.layer_index, 1)
-        return get_codec(self.v_dim, self.scheme.value_bits, seed, self.scheme.norm_correction)
+        seed = layer_seed(s.seed, self.layer_index, 1)
+        variant = "split" if s.variant == "split" else "mse"  # prod is for keys only
+        return codec_for(variant, self.v_dim, s.value_bits, seed, s.norm_correction)
+
+    @property
+    def plain(self) -> bool:
+        """Whether the fused kernels read this cache's format (plain MSE codes)."""
+        return self.scheme.variant == "mse"
 
     # -- the mlx-lm cache protocol ----------------------------------------------
 
@@ -155,6 +179,12 @@ class TurboQuantKVCache(_BaseCache):
         """
         if self.scheme.key_bits == 0:
             return (keys.astype(self.dtype), None, *kernels.encode(self.value_codec, values))
+        if self.scheme.variant == "split":
+            if self.key_channels is None:  # the first tokens decide, then stay fixed
+                weights = self._token_weights(keys.shape[2])
+                self.key_channels = outlier_channels(keys, weights)
+                self.value_channels = outlier_channels(values, weights)
+            keys, values = permute(keys, self.key_channels), permute(values, self.value_channels)
         return kernels.encode_kv(self.key_codec, keys, self.value_codec, values)
 
     def device_tokens(self) -> mx.array:
@@ -166,6 +196,10 @@ class TurboQuantKVCache(_BaseCache):
             kept = (n, mx.array([n], dtype=mx.int32))
             self._device_tokens = kept
         return kept[1]
+
+    def _token_weights(self, L):
+        """Which of the ``L`` new tokens are real (``[B, L]``), or None when all are."""
+        return None
 
     def _grow(self, prev, L, *new):
         """Allocate room for at least ``L`` more tokens, in whole steps.
@@ -229,7 +263,8 @@ class TurboQuantKVCache(_BaseCache):
     @property
     def nbytes(self):
         """Bytes of the arrays this cache holds (capacity included, like KVCache)."""
-        arrays = (self.keys, self.key_norms, self.values, self.value_norms)
+        arrays = (self.keys, self.key_norms, self.values, self.value_norms,
+                  self.key_channels, self.value_channels)  # fmt: skip
         return sum(a.nbytes for a in arrays if a is not None)
 
     def bytes_per_token(self) -> int:
@@ -254,7 +289,11 @@ class TurboQuantKVCache(_BaseCache):
             keys = keys.astype(dtype)
         else:
             keys = self.key_codec.decode(keys, key_norms, dtype)
-        return keys, self.value_codec.decode(values, value_norms, dtype)
+        values = self.value_codec.decode(values, value_norms, dtype)
+        if self.scheme.variant == "split":  # back from outliers-first order
+            keys = permute(keys, inverse_order(self.key_channels))
+            values = permute(values, inverse_order(self.value_channels))
+        return keys, values
 
     # -- serialization ----------------------------------------------------------
 
@@ -268,31 +307,45 @@ class TurboQuantKVCache(_BaseCache):
         s = self.scheme
         return (
             s.name, s.key_bits, s.value_bits, s.norm_correction, s.seed,
-            self.layer_index, self.offset, self.k_dim, self.v_dim, self._dtype,
+            self.layer_index, self.offset, self.k_dim, self.v_dim, self._dtype, s.variant,
         )  # fmt: skip
 
     @property
     def state(self):
+        """The four token arrays, then (new mlx-lm) the scalars, then the two channel
+        orders (None unless the scheme splits channels)."""
         if self.keys is None:
             arrays = (None, None, None, None)
         else:
             arrays = self._stored_arrays()
+        channels = (self.key_channels, self.value_channels)
         if USES_META_STATE:
+            arrays += channels if self.scheme.variant == "split" else ()
             return tuple(a if a is not None else mx.array([]) for a in arrays)
-        return arrays + self._scalars()
+        return arrays + self._scalars() + channels
 
     @state.setter
     def state(self, v):
-        v, name, n = list(v), type(self).__name__, 4 + len(self._state_fields)
-        if USES_META_STATE:
-            if len(v) != 4:
-                raise ValueError(f"{name} state holds 4 arrays, got {len(v)} items")
-            arrays = v
+        v, name = list(v), type(self).__name__
+        n = 4 + len(self._state_fields) + 2
+        legacy = self._state_fields is _STATE_FIELDS and len(v) == 4 + _LEGACY_FIELDS
+        if USES_META_STATE:  # the scalars (and so the scheme) came first, in meta_state
+            n = 6 if self.scheme.variant == "split" else 4
+            if len(v) != n:
+                raise ValueError(f"{name} state holds {n} arrays, got {len(v)} items")
+            arrays, channels = v[:4], v[4:] or [None, None]
+        elif legacy:  # written before the variant field existed
+            arrays, channels = v[:4], [None, None]
+            self._set_scalars(v[4:] + ["mse"])
         else:
             if len(v) != n:
-                raise ValueError(f"{name} state holds {n} items, got {len(v)}")
-            arrays = v[:4]
-            self._set_scalars(v[4:])
+                extra = f" (or {4 + _LEGACY_FIELDS} from older files)" if self._state_fields is _STATE_FIELDS else ""
+                raise ValueError(f"{name} state holds {n} items{extra}, got {len(v)}")
+            arrays, channels = v[:4], v[-2:]
+            self._set_scalars(v[4:-2])
+        self.key_channels, self.value_channels = (
+            None if c is None or (isinstance(c, mx.array) and c.size == 0) else c for c in channels
+        )
         self._set_arrays(arrays)
 
     @property
@@ -302,6 +355,8 @@ class TurboQuantKVCache(_BaseCache):
     @meta_state.setter
     def meta_state(self, v):
         v = list(v)
+        if self._state_fields is _STATE_FIELDS and len(v) == _LEGACY_FIELDS:
+            v.append("mse")
         if len(v) != len(self._state_fields):
             raise ValueError(f"meta_state holds {len(self._state_fields)} strings, got {len(v)}")
         self._set_scalars(self._parse_meta(v))
@@ -309,13 +364,13 @@ class TurboQuantKVCache(_BaseCache):
     @staticmethod
     def _parse_meta(v):
         """The scalars of ``_STATE_FIELDS`` back from their ``meta_state`` strings."""
-        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = v[: len(_STATE_FIELDS)]
+        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype, variant = v[: len(_STATE_FIELDS)]
         as_int = lambda x: None if x in ("", "None") else int(x)  # noqa: E731
         return (name, int(kb), int(vb), nc == "True", int(seed), int(layer),
-                int(offset), as_int(k_dim), as_int(v_dim), dtype or None)  # fmt: skip
+                int(offset), as_int(k_dim), as_int(v_dim), dtype or None, variant)  # fmt: skip
 
     def _set_scalars(self, values):
-        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype = values
+        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype, variant = values
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
             raise ValueError(f"scheme name must be a string of 1 to {MAX_NAME} characters")
         for field, x in (("key_bits", kb), ("value_bits", vb), ("seed", seed)):
@@ -325,13 +380,20 @@ class TurboQuantKVCache(_BaseCache):
             raise ValueError(f"norm_correction must be a bool, got {nc!r}")
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         try:  # built-in names must agree with their bits; plugin names carry them
             scheme = parse_scheme(name)
         except ValueError:
             scheme = None
-        if scheme is not None and (scheme.key_bits, scheme.value_bits) != (kb, vb):
-            raise ValueError(f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}")
-        self.scheme = KVScheme(name, kb, vb, bool(nc), seed)
+        if scheme is not None and (scheme.key_bits, scheme.value_bits, scheme.variant) != (
+            kb, vb, variant
+        ):
+            raise ValueError(
+                f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}, "
+                f"variant={variant!r}"
+            )
+        self.scheme = KVScheme(name, kb, vb, bool(nc), seed, variant)
         for field, x in (("layer_index", layer), ("offset", offset)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{field} must be a non-negative int, got {x!r}")
@@ -370,14 +432,21 @@ class TurboQuantKVCache(_BaseCache):
         B, H, T = self.values.shape[:3]
         self._check_positions(T)
         # Word counts from the dims alone: no codec is built from unchecked data.
-        expected = {"values": ((B, H, T, packed_words(self.v_dim, self.scheme.value_bits)), mx.uint32),
-                    "value_norms": ((B, H, T), mx.float16)}  # fmt: skip
+        def norms_shape(n):
+            return (B, H, T) if n == 1 else (B, H, T, n)
+
+        words, norms = self.scheme.vector_format("values", self.v_dim)
+        expected = {"values": ((B, H, T, words), mx.uint32),
+                    "value_norms": (norms_shape(norms), mx.float16)}  # fmt: skip
         if self.scheme.key_bits == 0:
             expected["keys"] = ((B, H, T, self.k_dim), self.dtype)
         else:
-            words = packed_words(self.k_dim, self.scheme.key_bits)
+            words, norms = self.scheme.vector_format("keys", self.k_dim)
             expected["keys"] = ((B, H, T, words), mx.uint32)
-            expected["key_norms"] = ((B, H, T), mx.float16)
+            expected["key_norms"] = (norms_shape(norms), mx.float16)
+        if self.scheme.variant == "split":
+            expected["key_channels"] = ((B, H, self.k_dim), mx.int32)
+            expected["value_channels"] = ((B, H, self.v_dim), mx.int32)
         for name, (shape, dtype) in expected.items():
             a = getattr(self, name)
             if not isinstance(a, mx.array):
@@ -390,6 +459,12 @@ class TurboQuantKVCache(_BaseCache):
                 )
         if self.scheme.key_bits == 0 and self.key_norms is not None:
             raise ValueError("fp16-key TurboQuantKVCache state must not carry key norms")
+        if self.scheme.variant == "split":
+            for name in _CHANNELS:
+                check_channel_order(name, getattr(self, name))
+        elif self.key_channels is not None or self.value_channels is not None:
+            raise ValueError(f"scheme {self.scheme.name} does not split channels; "
+                             "its state must not carry channel orders")  # fmt: skip
 
     def _check_positions(self, T: int):
         """The position scalars against the ``T`` tokens stored."""
@@ -400,6 +475,7 @@ class TurboQuantKVCache(_BaseCache):
     def from_state(cls, state, meta_state=None):
         obj = cls.__new__(cls)
         obj.keys = obj.key_norms = obj.values = obj.value_norms = None
+        obj.key_channels = obj.value_channels = None
         obj._dtype = None
         if meta_state is not None:
             obj.meta_state = meta_state

@@ -277,15 +277,15 @@ class BatchRotatingTurboQuantKVCache(BatchTurboQuantKVCache):
     @state.setter
     def state(self, v):
         v = list(v)
-        if len(v) != 19:
-            raise ValueError(f"BatchRotatingTurboQuantKVCache state holds 19 items, got {len(v)}")
-        max_size, written, rotated = v[16:]
+        if len(v) != 22:
+            raise ValueError(f"BatchRotatingTurboQuantKVCache state holds 22 items, got {len(v)}")
+        max_size, written, rotated = v[19:]
         _check_window(max_size, 0)
         if isinstance(written, bool) or not isinstance(written, int) or written < 0:
             raise ValueError(f"_offset must be a non-negative int, got {written!r}")
         if rotated not in (True, False):  # 0 / 1 after a round trip through an array
             raise ValueError(f"rotated must be a bool, got {rotated!r}")
-        self._load_state(v[:16])
+        self._load_state(v[:19])
         self.max_size, self._offset, self.rotated = max_size, written, bool(rotated)
         self._lengths = None
 

@@ -204,8 +204,8 @@ def test_state_round_trip_and_validation():
     for x, y in zip(back._arrays(), batch.tq._arrays()):
         assert mx.array_equal(x, y).item()
     state = list(batch.tq.state)
-    with pytest.raises(ValueError, match="holds 19 items"):
-        BatchRotatingTurboQuantKVCache.from_state(state[:16])
+    with pytest.raises(ValueError, match="holds 22 items"):
+        BatchRotatingTurboQuantKVCache.from_state(state[:19])
     bad = list(state)
     bad[-1] = 2
     with pytest.raises(ValueError, match="rotated must be a bool"):

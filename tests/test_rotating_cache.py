@@ -161,21 +161,21 @@ def test_bad_state_and_arguments_raise_value_error():
     with pytest.raises(ValueError, match="max_size must be an int"):
         RotatingTurboQuantKVCache("turbo4", max_size=4.0)
     state = list(filled().tq.state)
-    with pytest.raises(ValueError, match="state holds 17 items"):
+    with pytest.raises(ValueError, match="state holds 20 items"):
         RotatingTurboQuantKVCache.from_state(state[:-1])
     bad = list(state)
-    bad[-1] = 99  # _idx beyond the buffer
+    bad[-3] = 99  # _idx beyond the buffer (the two channel orders come last)
     with pytest.raises(ValueError, match="_idx 99 is beyond"):
         RotatingTurboQuantKVCache.from_state(bad)
     bad = list(state)
-    bad[-3] = 8  # keep == max_size
+    bad[-5] = 8  # keep == max_size
     with pytest.raises(ValueError, match="keep must be in"):
         RotatingTurboQuantKVCache.from_state(bad)
     bad = list(state)
     bad[2] = bad[2][:, :, :3]  # fewer value slots than the window holds
     with pytest.raises(ValueError):
         RotatingTurboQuantKVCache.from_state(bad)
-    with pytest.raises(ValueError, match="TurboQuantKVCache state holds 14 items"):
+    with pytest.raises(ValueError, match="TurboQuantKVCache state holds 17 items"):
         TurboQuantKVCache.from_state(state)
 
 

@@ -25,6 +25,9 @@ class TurboQuantCodec:
         norm_correction: store ``||x|| / ||centroids||`` so decoded vectors keep their length.
     """
 
+    plain = True  # the format the fused kernels read: one code per coordinate, one norm
+    norms_per_vector = 1
+
     def __init__(self, dim: int, bits: int, seed: int, norm_correction: bool = True):
         self.dim = dim
         self.bits = bits

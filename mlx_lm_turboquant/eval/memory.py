@@ -50,6 +50,13 @@ def prefill_peak_memory(model, ids, scheme=None, tokens=4096, chunk=512, layers=
     return PrefillMemory(name, tokens, chunk, kv_bytes(cache), peak, weights)
 
 
+def _bits(scheme, kind) -> str:
+    """"4", "3+1" (prod keys: MSE bits + QJL bit) or "2.5" (split: the average)."""
+    if kind == "keys" and scheme.variant == "prod":
+        return f"{scheme.key_bits - 1}+1"
+    return f"{scheme.bits_per_coordinate(kind):g}"
+
+
 def bytes_table(dim: int = 128, n_kv_heads: int = 1) -> str:
     """Markdown table of KV bytes per token per layer for every scheme, against fp16."""
     from ..api import schemes
@@ -65,6 +72,7 @@ def bytes_table(dim: int = 128, n_kv_heads: int = 1) -> str:
         s = parse_scheme(name)
         b = s.bytes_per_token(n_kv_heads, dim)
         lines.append(
-            f"| {name} | {s.key_bits or 16} | {s.value_bits} | {b} | {b / fp16:.3f}x | {fp16 / b:.2f}x |"
+            f"| {name} | {_bits(s, 'keys')} | {_bits(s, 'values')} | {b} | {b / fp16:.3f}x | "
+            f"{fp16 / b:.2f}x |"
         )
     return "\n".join(lines)

@@ -89,7 +89,7 @@ def run(op: str, *args, **kwargs):
     """Run the fused ``op`` and return its result, or None where the caller should take the
     pure-MLX path (no backend, shapes not covered, or the kernel failed: one warning)."""
     fn = get_op(op)
-    if fn is None:
+    if fn is None or not all(getattr(a, "plain", True) for a in args):  # prod / split formats
         return None
     backend = active_backend().NAME
     key = (backend, op, _config_key(args + tuple(kwargs.values())))

@@ -6,9 +6,16 @@ rotated once and scored against ``norm * centroid`` in the rotated basis. Values
 weighted in their rotated basis and the output is rotated back once. The tokens are
 walked in blocks with an online softmax (flash-attention style), and queries in
 chunks, so the transient memory is a few blocks, not a float copy of the cache.
+
+Prod keys (Algorithm 2) add the QJL term: the rotated query is also sketched once, S q',
+and each key contributes <S q', ||r|| sqrt(pi/2)/D sign(S r)>. Split schemes store each
+head's channels outliers first: the query is put in that order before its (block-diagonal)
+rotation, and the output is put back in the model's order after the values' rotation.
 """
 
 import mlx.core as mx
+
+from ..codec.split import inverse_order, permute
 
 BLOCK_TOKENS = 512
 BLOCK_QUERIES = 128  # with 512-token blocks: a 4k prefill peaks below the fp16 cache's (docs/memory.md)
@@ -58,11 +65,16 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
         raise ValueError(f"{n_q_heads} query heads cannot share {n_kv_heads} KV heads")
     n_rep = n_q_heads // n_kv_heads
     key_codec, value_codec = cache.key_codec, cache.value_codec
+    prod = cache.scheme.variant == "prod"
+    split = cache.scheme.variant == "split"
 
     q = queries.astype(mx.float32) * scale
+    q = q.reshape(B, n_kv_heads, n_rep, L, -1)
+    if split:
+        q = permute(q, cache.key_channels)
     if key_codec is not None:
         q = key_codec.rotation.forward(q)  # once per query, never per key
-    q = q.reshape(B, n_kv_heads, n_rep, L, -1)
+    q_sketch = key_codec.sketch_queries(q) if prod else None  # S q', once per query
     if sinks is not None:
         sinks = sinks.astype(mx.float32).reshape(1, n_kv_heads, n_rep, 1, 1)
     if mask is not None and not isinstance(mask, str):
@@ -75,12 +87,18 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
         m_run = l_run = acc = None
         for k0 in range(0, T, block_tokens):
             k1 = min(T, k0 + block_tokens)
+            kb, kn = keys[:, :, k0:k1], None if key_norms is None else key_norms[:, :, k0:k1]
             if key_codec is None:
-                k = keys[:, :, k0:k1].astype(mx.float32)
+                k = kb.astype(mx.float32)
+            elif prod:
+                k = key_codec.decode_mse_rotated(kb, kn)
             else:
-                k = key_codec.decode_rotated(keys[:, :, k0:k1], key_norms[:, :, k0:k1])
+                k = key_codec.decode_rotated(kb, kn)
             v = value_codec.decode_rotated(values[:, :, k0:k1], value_norms[:, :, k0:k1])
             s = qc @ mx.expand_dims(k, 2).swapaxes(-1, -2)  # [B, H_kv, n_rep, Lc, Tb]
+            if prod:
+                w = mx.expand_dims(key_codec.residual_weights(kb, kn), 2)
+                s = s + q_sketch[..., q0:q1, :] @ w.swapaxes(-1, -2)
             m = _mask_block(mask, q0, q1, k0, k1, L, T)
             if m is not None:
                 s = mx.where(m, s, _NEG) if m.dtype == mx.bool_ else s + m.astype(s.dtype)
@@ -103,4 +121,6 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
         outputs.append(acc / l_run)
     out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=3)
     out = value_codec.rotation.inverse(out)  # once per output row
+    if split:
+        out = permute(out, inverse_order(cache.value_channels))
     return out.reshape(B, n_q_heads, L, -1).astype(queries.dtype)
