@@ -14,7 +14,9 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, _BaseCache, dynamic_roll
 
-from .cache import MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache, check_channel_order
+from .cache import (
+    MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache, check_channel_order, take_head_dims,
+)
 from .codec.split import identity_channels
 from .config import KVScheme, parse_scheme
 
@@ -131,13 +133,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         v_dim = values.shape[-1]
         if B != self.batch_size:
             raise ValueError(f"keys hold {B} rows, the batch cache {self.batch_size}")
-        if self.k_dim is None:
-            self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, keys.dtype
-        elif (k_dim, v_dim) != (self.k_dim, self.v_dim):
-            raise ValueError(
-                f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
-                f"got keys {keys.shape} and values {values.shape}"
-            )
+        take_head_dims(self, keys, values)
         new = TurboQuantKVCache.encode_tokens(self, keys, values)
 
         prev = self._idx

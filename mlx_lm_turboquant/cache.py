@@ -49,6 +49,19 @@ def check_channel_order(name: str, channels: mx.array):
         raise ValueError(f"{name} must hold a permutation of each head's channels")
 
 
+def take_head_dims(cache, keys, values):
+    """Adopt the head dims and dtype of the first ``keys`` / ``values`` a cache (single or
+    batch) sees, and check later ones against them."""
+    k_dim, v_dim = keys.shape[-1], values.shape[-1]
+    if cache.k_dim is None:
+        cache.k_dim, cache.v_dim, cache.dtype = k_dim, v_dim, keys.dtype
+    elif (k_dim, v_dim) != (cache.k_dim, cache.v_dim):
+        raise ValueError(
+            f"head dims changed: cache holds D_k={cache.k_dim}, D_v={cache.v_dim}, "
+            f"got keys {keys.shape} and values {values.shape}"
+        )
+
+
 class CompressedKV:
     """What ``update_and_fetch`` returns: a handle on the cache, not an array.
 
@@ -143,13 +156,7 @@ class TurboQuantKVCache(_BaseCache):
         """Compress and append ``keys`` ``[B, H_kv, L, D_k]`` and ``values`` ``[B, H_kv, L, D_v]``."""
         B, n_kv_heads, L, k_dim = keys.shape
         v_dim = values.shape[-1]
-        if self.k_dim is None:
-            self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, keys.dtype
-        elif (k_dim, v_dim) != (self.k_dim, self.v_dim):
-            raise ValueError(
-                f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
-                f"got keys {keys.shape} and values {values.shape}"
-            )
+        take_head_dims(self, keys, values)
         new_keys, new_key_norms, new_values, new_value_norms = self.encode_tokens(keys, values)
 
         prev = self.offset
@@ -328,18 +335,19 @@ class TurboQuantKVCache(_BaseCache):
     def state(self, v):
         v, name = list(v), type(self).__name__
         n = 4 + len(self._state_fields) + 2
-        legacy = self._state_fields is _STATE_FIELDS and len(v) == 4 + _LEGACY_FIELDS
+        # Only the plain cache has files from before the variant field.
+        has_legacy = self._state_fields is _STATE_FIELDS
         if USES_META_STATE:  # the scalars (and so the scheme) came first, in meta_state
             n = 6 if self.scheme.variant == "split" else 4
             if len(v) != n:
                 raise ValueError(f"{name} state holds {n} arrays, got {len(v)} items")
             arrays, channels = v[:4], v[4:] or [None, None]
-        elif legacy:  # written before the variant field existed
+        elif has_legacy and len(v) == 4 + _LEGACY_FIELDS:  # before the variant field
             arrays, channels = v[:4], [None, None]
             self._set_scalars(v[4:] + ["mse"])
         else:
             if len(v) != n:
-                extra = f" (or {4 + _LEGACY_FIELDS} from older files)" if self._state_fields is _STATE_FIELDS else ""
+                extra = f" (or {4 + _LEGACY_FIELDS} from older files)" if has_legacy else ""
                 raise ValueError(f"{name} state holds {n} items{extra}, got {len(v)}")
             arrays, channels = v[:4], v[-2:]
             self._set_scalars(v[4:-2])
@@ -364,7 +372,8 @@ class TurboQuantKVCache(_BaseCache):
     @staticmethod
     def _parse_meta(v):
         """The scalars of ``_STATE_FIELDS`` back from their ``meta_state`` strings."""
-        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype, variant = v[: len(_STATE_FIELDS)]
+        fields = v[: len(_STATE_FIELDS)]
+        name, kb, vb, nc, seed, layer, offset, k_dim, v_dim, dtype, variant = fields
         as_int = lambda x: None if x in ("", "None") else int(x)  # noqa: E731
         return (name, int(kb), int(vb), nc == "True", int(seed), int(layer),
                 int(offset), as_int(k_dim), as_int(v_dim), dtype or None, variant)  # fmt: skip

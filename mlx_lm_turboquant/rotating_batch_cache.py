@@ -13,8 +13,10 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache, dynamic_roll
 
 from .batch_cache import _NAMES, BatchTurboQuantKVCache, _as_list
-from .cache import CompressedKV, TurboQuantKVCache
-from .rotating_cache import RotatingTurboQuantKVCache, _check_window, compress_rotating_cache
+from .cache import CompressedKV, TurboQuantKVCache, take_head_dims
+from .rotating_cache import (
+    RotatingTurboQuantKVCache, _check_window, compress_rotating_cache, grown_by,
+)
 
 
 class BatchRotatingTurboQuantKVCache(BatchTurboQuantKVCache):
@@ -68,13 +70,7 @@ class BatchRotatingTurboQuantKVCache(BatchTurboQuantKVCache):
         v_dim = values.shape[-1]
         if B != self.batch_size:
             raise ValueError(f"keys hold {B} rows, the batch cache {self.batch_size}")
-        if self.k_dim is None:
-            self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, keys.dtype
-        elif (k_dim, v_dim) != (self.k_dim, self.v_dim):
-            raise ValueError(
-                f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
-                f"got keys {keys.shape} and values {values.shape}"
-            )
+        take_head_dims(self, keys, values)
         new = TurboQuantKVCache.encode_tokens(self, keys, values)
         if L == 1:
             self._write_in_place(new)
@@ -111,15 +107,7 @@ class BatchRotatingTurboQuantKVCache(BatchTurboQuantKVCache):
         prev = self._offset
         cap = 0 if self.values is None else self.values.shape[2]
         if self.values is None or (prev >= cap and cap < self.max_size):
-            extra = min(self.step, self.max_size - prev)
-            grown = []
-            for old, like in zip(self._arrays(), new):
-                if like is None:
-                    grown.append(None)
-                    continue
-                zeros = mx.zeros((*like.shape[:2], extra, *like.shape[3:]), like.dtype)
-                grown.append(zeros if old is None else mx.concatenate([old, zeros], axis=2))
-            self._set(grown)
+            self._set(grown_by(self._arrays(), new, min(self.step, self.max_size - prev)))
             self._idx = prev
         excess = self.values.shape[2] - self.max_size
         if excess > 0:

@@ -18,9 +18,22 @@ re-encode them.
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache
 
-from .cache import _STATE_FIELDS, CompressedKV, TurboQuantKVCache
+from .cache import _STATE_FIELDS, CompressedKV, TurboQuantKVCache, take_head_dims
 
 _ROTATING_FIELDS = ("keep", "max_size", "idx")
+
+
+def grown_by(arrays, new, extra):
+    """``arrays`` (None before the first tokens) with ``extra`` empty slots appended along
+    the token axis, shaped like the ``new`` tokens' arrays."""
+    grown = []
+    for old, like in zip(arrays, new):
+        if like is None:
+            grown.append(None)
+            continue
+        zeros = mx.zeros((*like.shape[:2], extra, *like.shape[3:]), like.dtype)
+        grown.append(zeros if old is None else mx.concatenate([old, zeros], axis=2))
+    return tuple(grown)
 
 
 def _check_window(max_size, keep):
@@ -73,13 +86,7 @@ class RotatingTurboQuantKVCache(TurboQuantKVCache):
         """Compress and add ``keys`` ``[B, H_kv, L, D_k]`` and ``values`` ``[B, H_kv, L, D_v]``."""
         B, n_kv_heads, L, k_dim = keys.shape
         v_dim = values.shape[-1]
-        if self.k_dim is None:
-            self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, keys.dtype
-        elif (k_dim, v_dim) != (self.k_dim, self.v_dim):
-            raise ValueError(
-                f"head dims changed: cache holds D_k={self.k_dim}, D_v={self.v_dim}, "
-                f"got keys {keys.shape} and values {values.shape}"
-            )
+        take_head_dims(self, keys, values)
         new = self.encode_tokens(keys, values)
         if L == 1:
             self._write_in_place(new)
@@ -126,15 +133,7 @@ class RotatingTurboQuantKVCache(TurboQuantKVCache):
         cap = 0 if self.values is None else self.values.shape[2]
         if self.values is None or (prev >= cap and cap < self.max_size):
             # Grow towards max_size in steps, as RotatingKVCache does.
-            extra = min(self.step, self.max_size - prev)
-            grown = []
-            for old, like in zip(self._arrays(), new):
-                if like is None:
-                    grown.append(None)
-                    continue
-                zeros = mx.zeros((*like.shape[:2], extra, *like.shape[3:]), like.dtype)
-                grown.append(zeros if old is None else mx.concatenate([old, zeros], axis=2))
-            self._set(tuple(grown))
+            self._set(grown_by(self._arrays(), new, min(self.step, self.max_size - prev)))
             self._idx = prev
         excess = self.values.shape[2] - self.max_size
         if excess > 0:  # after a multi-token update the buffer may exceed the window

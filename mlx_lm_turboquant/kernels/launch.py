@@ -129,9 +129,9 @@ def _prepare_mask(mask, B, n_q_heads, L, T):
 
 @lru_cache(maxsize=1024)
 def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks):
-    """``(n_splits, [capacity, span, n_splits, n_kv_heads])`` for the kernels. Spans follow the capacity,
-    not the token count, so this array (and the launch shape) only changes when the cache
-    grows, a step of 256 tokens; spans past the last token do nothing."""
+    """``(n_splits, [capacity, span, n_splits, n_kv_heads])`` for the kernels. Spans follow
+    the capacity, not the token count, so this array (and the launch shape) only changes
+    when the cache grows, a step of 256 tokens; spans past the last token do nothing."""
     span, n_splits = split_tokens(cap, n_blocks, tile)
     return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
 
@@ -210,14 +210,14 @@ def decode_attention(
     if masking is None:
         return None
     mode, mask_arr, mb, mh, ml = masking
+    n_kv_heads, cap = cache.values.shape[1:3]
     setup = _launch(
         kernel, shared_bytes, cache.key_codec, cache.value_codec, cache.keys.dtype,
-        cache.values.shape[1], B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
+        n_kv_heads, B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
         sinks is not None, compiled and mask_arr is None,
     )  # fmt: skip
     if setup is None:
         return None
-    n_kv_heads, cap = cache.values.shape[1:3]
     n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS)
     q = queries
     if setup.outside_query:  # once per query, never per key
