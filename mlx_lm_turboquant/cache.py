@@ -73,6 +73,9 @@ class TurboQuantKVCache(_BaseCache):
         key_norms: ``[B, H_kv, T]`` float16 (None when key_bits == 0).
         values: ``[B, H_kv, T, words_v]`` uint32.
         value_norms: ``[B, H_kv, T]`` float16.
+        recent_keys, recent_values: ``[B, H_kv, r, D]`` in the model's dtype, the last
+            ``r <= scheme.window`` tokens uncompressed (None without a window). Those tokens
+            are stored packed too; attention reads them from here.
     """
 
     step = 256
@@ -84,6 +87,7 @@ class TurboQuantKVCache(_BaseCache):
         self.layer_index = layer_index
         self.offset = 0
         self.keys = self.key_norms = self.values = self.value_norms = None
+        self.recent_keys = self.recent_values = None
         self.k_dim = self.v_dim = None
         self.dtype = None
 
@@ -137,10 +141,27 @@ class TurboQuantKVCache(_BaseCache):
         if new_key_norms is not None:
             self.key_norms[:, :, prev : self.offset] = new_key_norms
         self.value_norms[:, :, prev : self.offset] = new_value_norms
+        if self.scheme.window:
+            self._keep_recent(keys, values)
         return (
             CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
             CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
         )
+
+    def _keep_recent(self, keys, values):
+        w = self.scheme.window
+        keys, values = keys[:, :, -w:].astype(self.dtype), values[:, :, -w:].astype(self.dtype)
+        if self.recent_keys is not None and keys.shape[2] < w:
+            keys = mx.concatenate([self.recent_keys, keys], axis=2)[:, :, -w:]
+            values = mx.concatenate([self.recent_values, values], axis=2)[:, :, -w:]
+        self.recent_keys, self.recent_values = keys, values
+
+    @property
+    def recent(self):
+        """``(keys, values)`` of the last tokens kept uncompressed, or None."""
+        if getattr(self, "recent_keys", None) is None or self.recent_keys.shape[2] == 0:
+            return None
+        return self.recent_keys, self.recent_values
 
     def encode_tokens(self, keys, values):
         """``(keys, key_norms, values, value_norms)`` as stored, for new tokens.
@@ -193,6 +214,10 @@ class TurboQuantKVCache(_BaseCache):
     def trim(self, n):
         n = min(self.offset, n)
         self.offset -= n
+        if self.recent_keys is not None:  # the window refills as tokens arrive
+            r = max(0, self.recent_keys.shape[2] - n)
+            self.recent_keys = self.recent_keys[:, :, :r]
+            self.recent_values = self.recent_values[:, :, :r]
         return n
 
     def make_mask(self, *args, **kwargs):
@@ -208,7 +233,8 @@ class TurboQuantKVCache(_BaseCache):
     @property
     def nbytes(self):
         """Bytes of the arrays this cache holds (capacity included, like KVCache)."""
-        arrays = (self.keys, self.key_norms, self.values, self.value_norms)
+        arrays = (self.keys, self.key_norms, self.values, self.value_norms,
+                  self.recent_keys, self.recent_values)  # fmt: skip
         return sum(a.nbytes for a in arrays if a is not None)
 
     def bytes_per_token(self) -> int:
@@ -233,7 +259,14 @@ class TurboQuantKVCache(_BaseCache):
             keys = keys.astype(dtype)
         else:
             keys = self.key_codec.decode(keys, key_norms, dtype)
-        return keys, self.value_codec.decode(values, value_norms, dtype)
+        values = self.value_codec.decode(values, value_norms, dtype)
+        if self.recent is not None:  # what attention reads for the last tokens
+            r = self.recent_keys.shape[2]
+            keys = mx.concatenate([keys[:, :, : self.offset - r], self.recent_keys.astype(dtype)], 2)
+            values = mx.concatenate(
+                [values[:, :, : self.offset - r], self.recent_values.astype(dtype)], 2
+            )
+        return keys, values
 
     # -- serialization ----------------------------------------------------------
 
@@ -250,6 +283,8 @@ class TurboQuantKVCache(_BaseCache):
             arrays = (None, None, None, None)
         else:
             arrays = self.fetch()
+        if self.scheme.window:  # two more arrays, only for schemes with a window
+            arrays = arrays + (self.recent_keys, self.recent_values)
         if USES_META_STATE:
             return tuple(a if a is not None else mx.array([]) for a in arrays)
         return arrays + self._scalars()
@@ -258,16 +293,21 @@ class TurboQuantKVCache(_BaseCache):
     def state(self, v):
         v = list(v)
         if USES_META_STATE:
-            if len(v) != 4:
-                raise ValueError(f"TurboQuantKVCache state holds 4 arrays, got {len(v)} items")
+            n = 6 if self.scheme.window else 4
+            if len(v) != n:
+                raise ValueError(f"TurboQuantKVCache state holds {n} arrays, got {len(v)} items")
             arrays = v
         else:
-            if len(v) != 4 + len(_STATE_FIELDS):
+            n = len(v) - len(_STATE_FIELDS)
+            if n not in (4, 6):
                 raise ValueError(
-                    f"TurboQuantKVCache state holds {4 + len(_STATE_FIELDS)} items, got {len(v)}"
+                    f"TurboQuantKVCache state holds 4 or 6 arrays and {len(_STATE_FIELDS)} "
+                    f"scalars, got {len(v)} items"
                 )
-            arrays = v[:4]
-            self._set_scalars(v[4:])
+            arrays = v[:n]
+            self._set_scalars(v[n:])
+            if n != (6 if self.scheme.window else 4):
+                raise ValueError(f"scheme {self.scheme.name!r} does not match {n} state arrays")
         self._set_arrays(arrays)
 
     @property
@@ -303,7 +343,8 @@ class TurboQuantKVCache(_BaseCache):
             scheme = None
         if scheme is not None and (scheme.key_bits, scheme.value_bits) != (kb, vb):
             raise ValueError(f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}")
-        self.scheme = KVScheme(name, kb, vb, bool(nc), seed)
+        window = 0 if scheme is None else scheme.window  # a built-in name carries it
+        self.scheme = KVScheme(name, kb, vb, bool(nc), seed, window)
         for field, x in (("layer_index", layer), ("offset", offset)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{field} must be a non-negative int, got {x!r}")
@@ -321,10 +362,11 @@ class TurboQuantKVCache(_BaseCache):
             raise ValueError(f"cache dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
     def _set_arrays(self, arrays):
-        keys, key_norms, values, value_norms = (
-            None if a is None or (isinstance(a, mx.array) and a.size == 0) else a for a in arrays
-        )
+        arrays = [None if a is None or (isinstance(a, mx.array) and a.size == 0) else a
+                  for a in arrays]  # fmt: skip
+        keys, key_norms, values, value_norms = arrays[:4]
         self.keys, self.key_norms, self.values, self.value_norms = keys, key_norms, values, value_norms
+        self.recent_keys, self.recent_values = (arrays[4:] + [None, None])[:2]
         if not USES_META_STATE or self.k_dim is not None:
             self._validate()
 
@@ -363,12 +405,32 @@ class TurboQuantKVCache(_BaseCache):
                 )
         if self.scheme.key_bits == 0 and self.key_norms is not None:
             raise ValueError("fp16-key TurboQuantKVCache state must not carry key norms")
+        self._validate_recent(B, H)
+
+    def _validate_recent(self, B, H):
+        # Batch caches build single views with __new__: no window attributes there.
+        rk, rv = getattr(self, "recent_keys", None), getattr(self, "recent_values", None)
+        if rk is None and rv is None:
+            return
+        if not (isinstance(rk, mx.array) and isinstance(rv, mx.array)):
+            raise ValueError("TurboQuantKVCache recent keys and values must both be arrays")
+        r = rk.shape[2] if rk.ndim == 4 else -1
+        if r > min(self.scheme.window, self.offset) or (
+            tuple(rk.shape), tuple(rv.shape)) != ((B, H, r, self.k_dim), (B, H, r, self.v_dim)
+        ) or rk.dtype != self.dtype or rv.dtype != self.dtype:  # fmt: skip
+            raise ValueError(
+                f"TurboQuantKVCache recent keys {tuple(rk.shape)} / values {tuple(rv.shape)} "
+                f"({rk.dtype}) do not fit a window of {self.scheme.window} over {self.offset} "
+                f"tokens, D_k={self.k_dim}, D_v={self.v_dim}, dtype {self.dtype}"
+            )
 
     @classmethod
     def from_state(cls, state, meta_state=None):
         obj = cls.__new__(cls)
         obj.keys = obj.key_norms = obj.values = obj.value_norms = None
+        obj.recent_keys = obj.recent_values = None
         obj._dtype = None
+        obj.scheme = parse_scheme("turbo4")  # replaced by the state's scalars
         if meta_state is not None:
             obj.meta_state = meta_state
         obj.state = state

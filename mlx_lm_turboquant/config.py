@@ -4,18 +4,21 @@ Every bad input raises ``ValueError`` naming what was given and what is allowed.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 KEY_BITS = (0, 2, 3, 4, 8)  # 0: keys stay in the model's float dtype
 VALUE_BITS = (2, 3, 4)
 SYMMETRIC_BITS = (2, 3, 4)
+MAX_WINDOW = 4096  # recent tokens a cache may keep uncompressed
 
 SCHEME_FORMS = (
     "turbo{B} with B in {2, 3, 4} (keys and values at B bits)",
     "turbo{K}v{V} with K in {0, 2, 3, 4, 8} (0 = fp16 keys) and V in {2, 3, 4}",
+    f"either followed by w{{W}}, W in [1, {MAX_WINDOW}]: the W most recent tokens also kept "
+    "uncompressed (turbo4w16)",
 )
-_NAME = re.compile(r"^turbo(\d+)(?:v(\d+))?$")
+_NAME = re.compile(r"^turbo(\d+)(?:v(\d+))?(?:w(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class KVScheme:
         value_bits: bits per value coordinate.
         norm_correction: rescale stored norms so decoded vectors keep their length.
         seed: base seed; each layer and each of K / V derive their own rotation from it.
+        window: the most recent ``window`` tokens are also kept uncompressed, and attention
+            reads them from there (docs/evaluation.md: the fp16 window lever).
     """
 
     name: str
@@ -35,12 +40,16 @@ class KVScheme:
     value_bits: int
     norm_correction: bool = True
     seed: int = 0
+    window: int = 0
 
     def __post_init__(self):
         if self.key_bits not in KEY_BITS:
             raise ValueError(f"key_bits must be one of {KEY_BITS}, got {self.key_bits!r}")
         if self.value_bits not in VALUE_BITS:
             raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {self.value_bits!r}")
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= MAX_WINDOW:
+            raise ValueError(f"window must be an int in [0, {MAX_WINDOW}], got {w!r}")
 
     def bytes_per_token(self, n_kv_heads: int, k_dim: int, v_dim: Optional[int] = None) -> int:
         """Bytes one token costs in one layer (norms included, fp16 keys at 2 bytes)."""
@@ -54,6 +63,11 @@ class KVScheme:
         v = 4 * packed_words(v_dim, self.value_bits) + 2
         return n_kv_heads * (k + v)
 
+    def window_bytes(self, n_kv_heads: int, k_dim: int, v_dim: Optional[int] = None) -> int:
+        """Bytes the uncompressed window adds to one layer (fp16), whatever the length."""
+        v_dim = k_dim if v_dim is None else v_dim
+        return 2 * self.window * n_kv_heads * (k_dim + v_dim)
+
 
 def parse_scheme(name) -> KVScheme:
     """``"turbo4"`` -> ``KVScheme(key_bits=4, value_bits=4)``; ``"turbo0v4"`` -> fp16 keys."""
@@ -63,12 +77,26 @@ def parse_scheme(name) -> KVScheme:
         raise ValueError(f"a KV scheme is a name such as 'turbo4', got {name!r}")
     m = _NAME.match(name.strip().lower())
     if m is not None:
-        k, v = int(m.group(1)), m.group(2)
-        if v is None and k in SYMMETRIC_BITS:
-            return KVScheme(name=f"turbo{k}", key_bits=k, value_bits=k)
-        if v is not None and k in KEY_BITS and int(v) in VALUE_BITS:
-            return KVScheme(name=f"turbo{k}v{int(v)}", key_bits=k, value_bits=int(v))
+        k, v, w = int(m.group(1)), m.group(2), m.group(3)
+        w = 0 if w is None else int(w)
+        tail = f"w{w}" if w else ""
+        if 1 <= w <= MAX_WINDOW or m.group(3) is None:
+            if v is None and k in SYMMETRIC_BITS:
+                return KVScheme(name=f"turbo{k}{tail}", key_bits=k, value_bits=k, window=w)
+            if v is not None and k in KEY_BITS and int(v) in VALUE_BITS:
+                return KVScheme(f"turbo{k}v{int(v)}{tail}", key_bits=k, value_bits=int(v), window=w)
     raise ValueError(f"unknown KV scheme {name!r}; valid forms: " + "; ".join(SCHEME_FORMS))
+
+
+def with_window(scheme: KVScheme, window: int) -> KVScheme:
+    """``scheme`` with another window; a built-in name follows (turbo4 -> turbo4w16)."""
+    if window == scheme.window:
+        return scheme
+    base = _NAME.match(scheme.name)
+    if base is None:  # a plugin's name stays as registered
+        return replace(scheme, window=window)
+    name = "turbo" + base.group(1) + (f"v{base.group(2)}" if base.group(2) else "")
+    return replace(scheme, name=name + (f"w{window}" if window else ""), window=window)
 
 
 def builtin_scheme_names() -> list:
@@ -86,7 +114,8 @@ def parse_layer_spec(spec, num_layers: int) -> list:
     Accepted: ``None`` / ``"all"``; ``"none"``; a Python slice ``"2:-2"``, ``"::2"``;
     comma lists of indices and inclusive ranges ``"0,3-7"`` (negative indices count
     from the end); exclusions prefixed with ``!`` or ``^``: ``"all,!0,!-1"``; or a
-    sequence of ints.
+    sequence of ints. Items with per-layer schemes (``"-1=turbo8v4"``, ``"@plan.json"``,
+    see :func:`parse_layer_plan`) count as the layers they compress.
     """
     if not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
@@ -96,6 +125,8 @@ def parse_layer_spec(spec, num_layers: int) -> list:
         return sorted({_index(i, num_layers, spec) for i in spec})
     if not isinstance(spec, str):
         raise ValueError(f"a layer spec is a string such as '2:-2' or '0,3-7', got {spec!r}")
+    if "=" in spec or spec.startswith("@"):  # per-layer schemes: the layers they compress
+        return list(parse_layer_plan(spec, num_layers, "turbo4"))
     text = spec.replace(" ", "")
     if text == "":
         raise ValueError(f"empty layer spec {spec!r}; {_LAYER_HELP}")
@@ -161,6 +192,61 @@ def _parse_part(body, num_layers, spec) -> set:
             raise ValueError(f"range {body!r} in layer spec {spec!r} runs backwards")
         return set(range(lo, hi + 1))
     return {_index(_int(body, spec), num_layers, spec)}
+
+
+def parse_layer_plan(spec, num_layers: int, scheme) -> dict:
+    """Which scheme each compressed layer gets: ``{layer index: KVScheme}``.
+
+    A layer spec (see :func:`parse_layer_spec`) whose items may end in ``=SCHEME``:
+    ``"-1=turbo8v4"`` compresses every layer with ``scheme`` but the last with turbo8v4;
+    ``"0-3,5=turbo8v4"`` compresses 0-3 with ``scheme``, 5 with turbo8v4 and keeps 4;
+    ``=fp16`` keeps those layers uncompressed. The plain items choose the layers as in
+    :func:`parse_layer_spec` (all of them when there are none); assignments are applied
+    after them, in order, and include the layers they name. ``"@plan.json"`` reads the
+    spec from the ``"layers"`` field of a file (``mlx-lm-turboquant eval calibrate`` writes one).
+    """
+    base = parse_scheme(scheme)
+    spec = read_plan_file(spec)
+    if not isinstance(spec, str) or "=" not in spec:
+        return {i: base for i in parse_layer_spec(spec, num_layers)}
+    plain, assigned = [], []
+    for part in spec.replace(" ", "").split(","):
+        layers, eq, name = part.partition("=")
+        if not eq:
+            plain.append(part)
+            continue
+        if layers[:1] in ("!", "^") or layers == "":
+            raise ValueError(f"{part!r} in layer spec {spec!r}: assign a scheme as LAYERS=SCHEME")
+        assigned.append((layers, name))
+    chosen = parse_layer_spec(",".join(plain) if plain else "all", num_layers)
+    plan = {i: base for i in chosen}
+    for layers, name in assigned:
+        target = None if name.lower() == "fp16" else parse_scheme(name)
+        if target is not None:  # the base scheme's seed, norm correction, window carry over
+            target = with_window(target, target.window or base.window)
+            target = replace(target, norm_correction=base.norm_correction, seed=base.seed)
+        for i in _parse_part(layers, num_layers, spec):
+            if target is None:
+                plan.pop(i, None)
+            else:
+                plan[i] = target
+    return dict(sorted(plan.items()))
+
+
+def read_plan_file(spec):
+    """``spec``, or the ``"layers"`` field of the JSON file ``spec`` names as ``@path``."""
+    if not isinstance(spec, str) or not spec.startswith("@"):
+        return spec
+    import json
+
+    try:
+        with open(spec[1:]) as f:
+            layers = json.load(f).get("layers")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot read a layer plan from {spec[1:]!r}: {e}") from None
+    if not isinstance(layers, str) or layers.startswith("@"):
+        raise ValueError(f"{spec[1:]!r} has no \"layers\" layer spec string, got {layers!r}")
+    return layers
 
 
 def layer_spec_in_force(spec, default: Optional[str] = None):

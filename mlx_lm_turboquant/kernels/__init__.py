@@ -89,8 +89,8 @@ def run(op: str, *args, **kwargs):
     """Run the fused ``op`` and return its result, or None where the caller should take the
     pure-MLX path (no backend, shapes not covered, or the kernel failed: one warning)."""
     fn = get_op(op)
-    if fn is None:
-        return None
+    if fn is None or any(getattr(getattr(a, "scheme", None), "window", 0) for a in args):
+        return None  # no kernel reads a recent-token window: the pure-MLX path does
     backend = active_backend().NAME
     key = (backend, op, _config_key(args + tuple(kwargs.values())))
     try:

@@ -68,18 +68,33 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
     if mask is not None and not isinstance(mask, str):
         mask = _to_grouped(mask, n_kv_heads, n_rep)
 
-    outputs = []
-    for q0 in range(0, L, block_queries):
-        q1 = min(L, q0 + block_queries)
-        qc = q[..., q0:q1, :]
-        m_run = l_run = acc = None
-        for k0 in range(0, T, block_tokens):
-            k1 = min(T, k0 + block_tokens)
+    # The last r tokens of a scheme with a window are read uncompressed, rotated into the
+    # same bases as the decoded blocks (r vectors, once per call).
+    recent = getattr(cache, "recent", None)
+    r = 0 if recent is None else recent[0].shape[2]
+    if r:
+        rk, rv = (x.astype(mx.float32) for x in recent)
+        rk = rk if key_codec is None else key_codec.rotation.forward(rk)
+        rv = value_codec.rotation.forward(rv)
+
+    def blocks():
+        for k0 in range(0, T - r, block_tokens):
+            k1 = min(T - r, k0 + block_tokens)
             if key_codec is None:
                 k = keys[:, :, k0:k1].astype(mx.float32)
             else:
                 k = key_codec.decode_rotated(keys[:, :, k0:k1], key_norms[:, :, k0:k1])
             v = value_codec.decode_rotated(values[:, :, k0:k1], value_norms[:, :, k0:k1])
+            yield k0, k1, k, v
+        if r:
+            yield T - r, T, rk, rv
+
+    outputs = []
+    for q0 in range(0, L, block_queries):
+        q1 = min(L, q0 + block_queries)
+        qc = q[..., q0:q1, :]
+        m_run = l_run = acc = None
+        for k0, k1, k, v in blocks():
             s = qc @ mx.expand_dims(k, 2).swapaxes(-1, -2)  # [B, H_kv, n_rep, Lc, Tb]
             m = _mask_block(mask, q0, q1, k0, k1, L, T)
             if m is not None:
