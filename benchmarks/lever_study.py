@@ -4,8 +4,8 @@ Each lever runs on a *simulated* cache: keys and values go through the library's
 (rotation, Lloyd-Max codes, fp16 norms) and are stored decoded, so mlx's own attention
 reads exactly the numbers that attention on the packed cache would score against. That
 is ~10x faster on the CPU than the packed path; `--check` runs both on one window to show
-they agree. Bytes are counted analytically from the formats (norms included, fp16 at 2
-bytes per element, an fp16 window at fp16 cost).
+they agree. Bytes are counted analytically from the formats as the library stores them
+(norms included, fp16 at 2 bytes per element, a window's tokens packed and also fp16).
 
     python benchmarks/lever_study.py --sets all --out docs/results/levers/levers.json
 
@@ -73,8 +73,8 @@ class Config:
         for name in self.layers:
             k, v = parse_layer(name)
             per = vector_bytes(dim, k) + vector_bytes(dim, v)
-            w = min(self.window, tokens)
-            total += ((tokens - w) * per + w * fp16) / (tokens * fp16)
+            # As the library stores it: every token packed, the window's tokens also fp16.
+            total += (tokens * per + min(self.window, tokens) * fp16) / (tokens * fp16)
         return total / len(self.layers)
 
 
@@ -244,6 +244,19 @@ def configs(sets):
         Config("turbo3 window 128", T3, window=128),
         Config("mixed <= 0.21x (best)", mixed21),
         Config("mixed <= 0.21x (best), window 32", mixed21, window=32),
+    ]
+    # Candidates for the turbo4 target at 4096 tokens (<= 0.28x with its window).
+    c["long2"] = [
+        Config("turbo4 window 64", T4, window=64),
+        Config("turbo4, 0 turbo4v3, last turbo8v4, window 32",
+               per_layer(T4, _0="turbo4v3", _5="turbo8v4"), window=32),  # fmt: skip
+        Config("turbo4, 0 turbo4v3, last turbo8v4, window 16",
+               per_layer(T4, _0="turbo4v3", _5="turbo8v4"), window=16),  # fmt: skip
+    ]
+    c["long3"] = c["long2"][2:]
+    c["long4"] = [  # turbo3-class at 4096 within 0.21x with a window
+        Config("mixed <= 0.21x (best), window 16", mixed21, window=16),
+        Config("mixed <= 0.21x (3rd best), window 16", mixed21b, window=16),
     ]
     chosen = []
     for s in sets:

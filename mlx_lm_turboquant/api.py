@@ -172,9 +172,10 @@ def make_prompt_cache(
         model: any mlx-lm model.
         scheme: scheme name (see :func:`schemes`) or a ``KVScheme``.
         layers: which full-attention layers to compress, counted among those layers
-            only (``"all"``, ``"2:-2"``, ``"0,3-7"``, ...); default ``$MLX_TQ_LAYERS``,
-            else the scheme's registered default, else all but the last attention
-            layer (all of them when the model has fewer than 4).
+            only (``"all"``, ``"2:-2"``, ``"0,3-7"``, per-layer schemes ``"-1=turbo8v4"``,
+            a plan file ``"@plan.json"``); default ``$MLX_TQ_LAYERS``, else the scheme's
+            registered default, else :func:`default_layer_spec` (every layer, the last
+            attention layer at higher precision when the model has at least 4).
         max_kv_size: passed to mlx-lm's ``make_prompt_cache`` (a bounded cache is a
             ``RotatingKVCache``, which is left uncompressed).
 
