@@ -262,10 +262,9 @@ class TurboQuantKVCache(_BaseCache):
         values = self.value_codec.decode(values, value_norms, dtype)
         if self.recent is not None:  # what attention reads for the last tokens
             r = self.recent_keys.shape[2]
-            keys = mx.concatenate([keys[:, :, : self.offset - r], self.recent_keys.astype(dtype)], 2)
-            values = mx.concatenate(
-                [values[:, :, : self.offset - r], self.recent_values.astype(dtype)], 2
-            )
+            old = self.offset - r
+            keys = mx.concatenate([keys[:, :, :old], self.recent_keys.astype(dtype)], 2)
+            values = mx.concatenate([values[:, :, :old], self.recent_values.astype(dtype)], 2)
         return keys, values
 
     # -- serialization ----------------------------------------------------------

@@ -13,7 +13,8 @@ from typing import Dict, List, Sequence
 FP16 = "fp16"
 
 
-def allocate(kl: Dict[str, Sequence[float]], cost: Dict[str, Sequence[int]], budget: int) -> List[str]:
+def allocate(kl: Dict[str, Sequence[float]], cost: Dict[str, Sequence[int]],
+             budget: int) -> List[str]:  # fmt: skip
     """Formats per layer of least summed ``kl`` with summed ``cost`` at most ``budget``.
 
     Args:
@@ -22,7 +23,9 @@ def allocate(kl: Dict[str, Sequence[float]], cost: Dict[str, Sequence[int]], bud
         budget: bytes per token over all layers.
     """
     if not kl or set(kl) != set(cost):
-        raise ValueError(f"kl and cost must name the same formats, got {sorted(kl)} and {sorted(cost)}")
+        raise ValueError(
+            f"kl and cost must name the same formats, got {sorted(kl)} and {sorted(cost)}"
+        )
     n = {len(v) for v in list(kl.values()) + list(cost.values())}
     if len(n) != 1:
         raise ValueError(f"every format needs one value per layer, got lengths {sorted(n)}")
@@ -42,7 +45,9 @@ def allocate(kl: Dict[str, Sequence[float]], cost: Dict[str, Sequence[int]], bud
                 best, front[c] = grown[c][0], grown[c]
         if not front:
             cheapest = sum(min(cost[f][i] for f in cost) for i in range(n_layers))
-            raise ValueError(f"budget {budget} B/token is below the cheapest plan ({cheapest} B/token)")
+            raise ValueError(
+                f"budget {budget} B/token is below the cheapest plan ({cheapest} B/token)"
+            )
     return min(front.values(), key=lambda kp: kp[0])[1]
 
 
@@ -70,7 +75,8 @@ def layer_costs(cache, formats) -> Dict[str, List[int]]:
             _, heads, _, k_dim = cache[i].keys.shape
             v_dim = cache[i].values.shape[-1]
             fp16 = 2 * heads * (k_dim + v_dim)
-            out[f].append(fp16 if f == FP16 else parse_scheme(f).bytes_per_token(heads, k_dim, v_dim))
+            bytes_ = fp16 if f == FP16 else parse_scheme(f).bytes_per_token(heads, k_dim, v_dim)
+            out[f].append(bytes_)
     return out
 
 

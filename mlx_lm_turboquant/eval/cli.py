@@ -1,5 +1,5 @@
-"""``mlx-lm-turboquant eval {kld,niah,memory,calibrate} ...``: quality and memory of KV schemes on any
-mlx-lm model, with progress bars, a markdown table on stdout, and JSON + PNG in ``--out``."""
+"""``mlx-lm-turboquant eval {kld,niah,memory,calibrate} ...``: quality and memory of KV schemes
+on any mlx-lm model, with progress bars, a markdown table on stdout, and JSON + PNG in ``--out``."""
 
 import json
 from pathlib import Path
@@ -254,7 +254,7 @@ def run_calibrate(args):
     if not formats:
         raise ValueError(f"--formats needs at least one format, got {args.formats!r}")
     if not 0 < args.budget <= 1:
-        raise ValueError(f"--budget is KV bytes as a fraction of fp16's, in (0, 1], got {args.budget}")
+        raise ValueError(f"--budget is KV bytes as a share of fp16's, in (0, 1], got {args.budget}")
     windows = _ints(args.windows, "--windows")
     model, tokenizer = _load(args)
     span = args.prefill + args.steps + 1
@@ -269,10 +269,11 @@ def run_calibrate(args):
     spec = plan_spec(plan)
     used = sum(cost[f][i] for i, f in enumerate(plan))
     predicted = float(np.sum([kl[f][i] for i, f in enumerate(plan)]))
-    print(f"plan: {spec}\nKV bytes {used / fp16:.3f}x fp16 ({16 * used / fp16:.2f} bits/coordinate), "
+    print(f"plan: {spec}\nKV bytes {used / fp16:.3f}x fp16 ({16 * used / fp16:.2f} bits/coord), "
           f"predicted KL {predicted:.5f} (sum of single-layer KLs)")  # fmt: skip
     _write(args.out, "plan", {"layers": spec, "formats": plan, "bytes_ratio": used / fp16,
-                              "predicted_kl": predicted, "sensitivity": kl, "args": _settings(args)})  # fmt: skip
+                              "predicted_kl": predicted, "sensitivity": kl,
+                              "args": _settings(args)})  # fmt: skip
     return 0
 
 
