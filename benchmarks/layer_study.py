@@ -11,6 +11,7 @@ turbo4,turbo4,turbo4,turbo4,turbo4,turbo8v4. Prints a markdown table and writes 
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("configs", nargs="+", help="SCHEME@LAYERS, e.g. turbo4@all or turbo4@!-1")
+    p.add_argument("configs", nargs="+", help="SCHEME@LAYERS, e.g. turbo4@all, turbo4@!-1, turbo4@")
     p.add_argument("--model", default=str(ROOT.parent / "shared/models/tq-llama-8k"))
     p.add_argument("--ids", default=str(ROOT.parent / "shared/data/tq-llama-val-ids.npy"))
     p.add_argument("--offsets", default="0,50000,100000,150000", help="window starts in the ids")
@@ -34,7 +35,6 @@ def main():
     from mlx_lm import load
 
     import mlx_lm_turboquant as tq
-    from mlx_lm_turboquant.config import KVScheme
     from mlx_lm.models.cache import KVCache
 
     from mlx_lm_turboquant.eval.kld import reference_run, teacher_forced_kl
@@ -60,7 +60,7 @@ def main():
             name, _, layers = config.partition("@")
             base = tq.parse_scheme(name.removesuffix("-nonc"))
             nc = not name.endswith("-nonc")
-            scheme = KVScheme(base.name, base.key_bits, base.value_bits, norm_correction=nc)
+            scheme = replace(base, norm_correction=nc)
             cache = None
         results = [
             teacher_forced_kl(model, ids[o:], scheme, layers or None, args.prefill, args.steps,

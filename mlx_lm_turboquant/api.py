@@ -1,24 +1,45 @@
 """Python API: ``make_prompt_cache`` and ``schemes``."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 from mlx_lm.models import cache as mlx_cache
 
 from .cache import TurboQuantKVCache
+from .config import (KVScheme, layer_spec_in_force, parse_layer_plan, parse_scheme,
+                     with_window)  # fmt: skip
 from .rotating_cache import RotatingTurboQuantKVCache
-from .config import KVScheme, layer_spec_in_force, parse_layer_spec
 
-# Chosen from the layer study in docs/evaluation.md: on tq-llama-8k the last
-# attention layer carries about half of turbo4's KL divergence (keeping it fp16
-# halves the KL), while keeping the first layer bought nothing. Models with fewer
-# than MIN_LAYERS_TO_PROTECT attention layers get every layer compressed.
-DEFAULT_LAYERS = "!-1"
+# Chosen from the lever study in docs/evaluation.md: on tq-llama-8k the last attention
+# layer carries about a third of turbo4's KL divergence. Giving it 8-bit keys and at
+# least 4-bit values (turbo8v4 for turbo4) recovers nearly all of what keeping it fp16
+# does (KL 0.0046 vs 0.0042) at a quarter of its bytes (0.279x vs 0.382x on 6 layers);
+# protecting the first layer or a second one bought little. Models with fewer than
+# MIN_LAYERS_TO_PROTECT attention layers get every layer the plain scheme.
 MIN_LAYERS_TO_PROTECT = 4
 
 
-def default_layer_spec(n_attention_layers: int) -> str:
-    return DEFAULT_LAYERS if n_attention_layers >= MIN_LAYERS_TO_PROTECT else "all"
+def boundary_scheme(scheme: KVScheme) -> KVScheme:
+    """The last attention layer's format under ``scheme``: 8-bit keys (fp16 keys stay
+    fp16) and values of at least 4 bits."""
+    k = 0 if scheme.key_bits == 0 else max(scheme.key_bits, 8)
+    v = max(scheme.value_bits, 4)
+    if (k, v) == (scheme.key_bits, scheme.value_bits):
+        return scheme
+    name = f"turbo{k}v{v}" if k != v else f"turbo{k}"
+    boundary = with_window(parse_scheme(name), scheme.window)
+    return replace(boundary, norm_correction=scheme.norm_correction, seed=scheme.seed)
+
+
+def default_layer_spec(n_attention_layers: int, scheme="turbo4") -> str:
+    """``"-1=<boundary scheme>"`` (every layer compressed, the last at higher precision)
+    for models with at least MIN_LAYERS_TO_PROTECT attention layers, else ``"all"``."""
+    scheme = parse_scheme(scheme)
+    boundary = boundary_scheme(scheme)
+    if n_attention_layers < MIN_LAYERS_TO_PROTECT or boundary == scheme:
+        return "all"
+    return f"-1={boundary.name}"
+
 
 # Models whose plain KVCache holds MLA latents or indexer keys rather than per-head
 # K/V: compressing those with a per-head codec would be wrong.
@@ -103,7 +124,8 @@ def compressed_twin(c, scheme, layer_index: int):
 class CachePlan:
     """What :func:`compress_cache` did to one model's cache, for the report.
 
-    ``kept`` maps a reason to the cache positions left as the model made them.
+    ``kept`` maps a reason to the cache positions left as the model made them;
+    ``overrides`` maps cache positions to the scheme they got instead of ``scheme``.
     """
 
     scheme: KVScheme
@@ -111,6 +133,7 @@ class CachePlan:
     layers_spec: Optional[str] = None
     compressed: List[int] = field(default_factory=list)
     kept: Dict[str, List[int]] = field(default_factory=dict)
+    overrides: Dict[int, KVScheme] = field(default_factory=dict)
     unsupported: Optional[str] = None
 
 
@@ -133,15 +156,19 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
     for i, c in enumerate(cache):
         if i not in positions:
             plan.kept.setdefault(type(c).__name__, []).append(i)
-    default = info.layers or default_layer_spec(len(positions))
+    default = info.layers or default_layer_spec(len(positions), info.scheme)
     spec = layer_spec_in_force(layers, default)
     plan.layers_spec = str(spec)
-    chosen = parse_layer_spec(spec, len(positions))
-    for k in chosen:
+    chosen = parse_layer_plan(spec, len(positions), info.scheme)
+    for k, scheme in chosen.items():
         i = positions[k]
-        cache[i] = compressed_twin(cache[i], info.scheme, i)
+        if scheme.window and type(cache[i]) is mlx_cache.RotatingKVCache:
+            scheme = with_window(scheme, 0)  # a sliding window keeps no separate fp16 window
+        cache[i] = compressed_twin(cache[i], scheme, i)
         plan.compressed.append(i)
-    skipped = [positions[k] for k in range(len(positions)) if k not in set(chosen)]
+        if scheme != info.scheme:
+            plan.overrides[i] = scheme
+    skipped = [positions[k] for k in range(len(positions)) if k not in chosen]
     if skipped:
         plan.kept["layer spec"] = skipped
     return plan
@@ -164,9 +191,10 @@ def make_prompt_cache(
         scheme: scheme name (see :func:`schemes`) or a ``KVScheme``.
         layers: which attention layers to compress, counted among the eligible layers
             only (full-attention and sliding-window, in model order: ``"all"``,
-            ``"2:-2"``, ``"0,3-7"``, ...); default ``$MLX_TQ_LAYERS``, else the scheme's
-            registered default, else all but the last eligible layer (all of them when
-            the model has fewer than 4).
+            ``"2:-2"``, ``"0,3-7"``, per-layer schemes ``"-1=turbo8v4"``, a plan file
+            ``"@plan.json"``); default ``$MLX_TQ_LAYERS``, else the scheme's registered
+            default, else :func:`default_layer_spec` (every layer, the last one at higher
+            precision when the model has at least 4).
         max_kv_size: passed to mlx-lm's ``make_prompt_cache`` (a bounded cache is a
             ``RotatingKVCache``, compressed as a sliding window).
 

@@ -65,6 +65,11 @@ class BatchTurboQuantKVCache(_BaseCache):
         if any(p < 0 for p in left_padding):
             raise ValueError(f"left_padding must be non-negative, got {left_padding}")
         single = TurboQuantKVCache(scheme, layer_index)  # validates scheme and layer_index
+        if single.scheme.window:
+            raise ValueError(
+                f"scheme {single.scheme.name!r} keeps a recent-token window, which batched "
+                "caches do not support yet; use it without batching, or a scheme without w<N>"
+            )
         self.scheme: KVScheme = single.scheme
         self.layer_index = layer_index
         self.keys = self.key_norms = self.values = self.value_norms = None

@@ -49,6 +49,11 @@ def check_channel_order(name: str, channels: mx.array):
         raise ValueError(f"{name} must hold a permutation of each head's channels")
 
 
+def _array_or_none(a):
+    """A state entry: None and the empty arrays that stand for None (old mlx-lm) are None."""
+    return None if a is None or (isinstance(a, mx.array) and a.size == 0) else a
+
+
 def take_head_dims(cache, keys, values):
     """Adopt the head dims and dtype of the first ``keys`` / ``values`` a cache (single or
     batch) sees, and check later ones against them."""
@@ -100,6 +105,9 @@ class TurboQuantKVCache(_BaseCache):
         value_norms: ``[B, H_kv, T]`` float16; ``[B, H_kv, T, 2]`` for split schemes.
         key_channels, value_channels: split schemes only, ``[B, H_kv, D]`` int32: each head's
             channel order, outliers first, chosen from the first tokens the cache sees.
+        recent_keys, recent_values: ``[B, H_kv, r, D]`` in the model's dtype, the last
+            ``r <= scheme.window`` tokens uncompressed (None without a window). Those tokens
+            are stored packed too; attention reads them from here.
     """
 
     step = 256
@@ -113,6 +121,7 @@ class TurboQuantKVCache(_BaseCache):
         self.offset = 0
         self.keys = self.key_norms = self.values = self.value_norms = None
         self.key_channels = self.value_channels = None
+        self.recent_keys = self.recent_values = None
         self.k_dim = self.v_dim = None
         self.dtype = None
 
@@ -147,8 +156,9 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def plain(self) -> bool:
-        """Whether the fused kernels read this cache's format (plain MSE codes)."""
-        return self.scheme.variant == "mse"
+        """Whether the fused kernels read this cache's format (plain MSE codes, no
+        recent-token window)."""
+        return self.scheme.variant == "mse" and not self.scheme.window
 
     # -- the mlx-lm cache protocol ----------------------------------------------
 
@@ -173,10 +183,27 @@ class TurboQuantKVCache(_BaseCache):
         kept = getattr(self, "_device_tokens", None)
         if kept is not None and kept[0] == prev:  # advance it on the device
             self._device_tokens = (self.offset, kept[1] + L)
+        if self.scheme.window:
+            self._keep_recent(keys, values)
         return (
             CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
             CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
         )
+
+    def _keep_recent(self, keys, values):
+        w = self.scheme.window
+        keys, values = keys[:, :, -w:].astype(self.dtype), values[:, :, -w:].astype(self.dtype)
+        if self.recent_keys is not None and keys.shape[2] < w:
+            keys = mx.concatenate([self.recent_keys, keys], axis=2)[:, :, -w:]
+            values = mx.concatenate([self.recent_values, values], axis=2)[:, :, -w:]
+        self.recent_keys, self.recent_values = keys, values
+
+    @property
+    def recent(self):
+        """``(keys, values)`` of the last tokens kept uncompressed, or None."""
+        if getattr(self, "recent_keys", None) is None or self.recent_keys.shape[2] == 0:
+            return None
+        return self.recent_keys, self.recent_values
 
     def encode_tokens(self, keys, values):
         """``(keys, key_norms, values, value_norms)`` as stored, for new tokens.
@@ -255,6 +282,10 @@ class TurboQuantKVCache(_BaseCache):
     def trim(self, n):
         n = min(self.offset, n)
         self.offset -= n
+        if self.recent_keys is not None:  # the window refills as tokens arrive
+            r = max(0, self.recent_keys.shape[2] - n)
+            self.recent_keys = self.recent_keys[:, :, :r]
+            self.recent_values = self.recent_values[:, :, :r]
         return n
 
     def make_mask(self, *args, **kwargs):
@@ -271,7 +302,8 @@ class TurboQuantKVCache(_BaseCache):
     def nbytes(self):
         """Bytes of the arrays this cache holds (capacity included, like KVCache)."""
         arrays = (self.keys, self.key_norms, self.values, self.value_norms,
-                  self.key_channels, self.value_channels)  # fmt: skip
+                  self.key_channels, self.value_channels,
+                  self.recent_keys, self.recent_values)  # fmt: skip
         return sum(a.nbytes for a in arrays if a is not None)
 
     def bytes_per_token(self) -> int:
@@ -300,6 +332,11 @@ class TurboQuantKVCache(_BaseCache):
         if self.scheme.variant == "split":  # back from outliers-first order
             keys = permute(keys, inverse_order(self.key_channels))
             values = permute(values, inverse_order(self.value_channels))
+        if self.recent is not None:  # what attention reads for the last tokens
+            r = self.recent_keys.shape[2]
+            old = self.offset - r
+            keys = mx.concatenate([keys[:, :, :old], self.recent_keys.astype(dtype)], 2)
+            values = mx.concatenate([values[:, :, :old], self.recent_values.astype(dtype)], 2)
         return keys, values
 
     # -- serialization ----------------------------------------------------------
@@ -326,10 +363,11 @@ class TurboQuantKVCache(_BaseCache):
         else:
             arrays = self._stored_arrays()
         channels = (self.key_channels, self.value_channels)
+        recent = (self.recent_keys, self.recent_values) if self.scheme.window else ()
         if USES_META_STATE:
             arrays += channels if self.scheme.variant == "split" else ()
-            return tuple(a if a is not None else mx.array([]) for a in arrays)
-        return arrays + self._scalars() + channels
+            return tuple(a if a is not None else mx.array([]) for a in arrays + recent)
+        return arrays + self._scalars() + channels + recent
 
     @state.setter
     def state(self, v):
@@ -337,23 +375,30 @@ class TurboQuantKVCache(_BaseCache):
         n = 4 + len(self._state_fields) + 2
         # Only the plain cache has files from before the variant field.
         has_legacy = self._state_fields is _STATE_FIELDS
+        recent = [None, None]
         if USES_META_STATE:  # the scalars (and so the scheme) came first, in meta_state
-            n = 6 if self.scheme.variant == "split" else 4
+            split, window = self.scheme.variant == "split", bool(self.scheme.window)
+            n = 4 + 2 * split + 2 * window
             if len(v) != n:
                 raise ValueError(f"{name} state holds {n} arrays, got {len(v)} items")
-            arrays, channels = v[:4], v[4:] or [None, None]
+            arrays, channels = v[:4], v[4:6] if split else [None, None]
+            recent = v[-2:] if window else recent
         elif has_legacy and len(v) == 4 + _LEGACY_FIELDS:  # before the variant field
             arrays, channels = v[:4], [None, None]
             self._set_scalars(v[4:] + ["mse"])
         else:
-            if len(v) != n:
+            if len(v) not in (n, n + 2):  # + 2: a recent-token window's keys and values
                 extra = f" (or {4 + _LEGACY_FIELDS} from older files)" if has_legacy else ""
-                raise ValueError(f"{name} state holds {n} items{extra}, got {len(v)}")
-            arrays, channels = v[:4], v[-2:]
-            self._set_scalars(v[4:-2])
-        self.key_channels, self.value_channels = (
-            None if c is None or (isinstance(c, mx.array) and c.size == 0) else c for c in channels
-        )
+                raise ValueError(f"{name} state holds {n} items, {n + 2} with a recent-token "
+                                 f"window{extra}, got {len(v)}")  # fmt: skip
+            arrays, channels = v[:4], v[n - 2 : n]
+            self._set_scalars(v[4 : n - 2])
+            recent = v[n:] or recent
+            if (len(v) > n) != bool(self.scheme.window):
+                raise ValueError(f"scheme {self.scheme.name!r} does not match a state of "
+                                 f"{len(v)} items")  # fmt: skip
+        self.key_channels, self.value_channels = map(_array_or_none, channels)
+        self.recent_keys, self.recent_values = map(_array_or_none, recent)
         self._set_arrays(arrays)
 
     @property
@@ -402,7 +447,8 @@ class TurboQuantKVCache(_BaseCache):
                 f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}, "
                 f"variant={variant!r}"
             )
-        self.scheme = KVScheme(name, kb, vb, bool(nc), seed, variant)
+        window = 0 if scheme is None else scheme.window  # a built-in name carries it
+        self.scheme = KVScheme(name, kb, vb, bool(nc), seed, variant, window)
         for field, x in (("layer_index", layer), ("offset", offset)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{field} must be a non-negative int, got {x!r}")
@@ -420,9 +466,7 @@ class TurboQuantKVCache(_BaseCache):
             raise ValueError(f"cache dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
     def _set_arrays(self, arrays):
-        keys, key_norms, values, value_norms = (
-            None if a is None or (isinstance(a, mx.array) and a.size == 0) else a for a in arrays
-        )
+        keys, key_norms, values, value_norms = map(_array_or_none, arrays)
         self.keys, self.key_norms, self.values, self.value_norms = keys, key_norms, values, value_norms
         if not USES_META_STATE or self.k_dim is not None:
             self._validate()
@@ -474,18 +518,38 @@ class TurboQuantKVCache(_BaseCache):
         elif self.key_channels is not None or self.value_channels is not None:
             raise ValueError(f"scheme {self.scheme.name} does not split channels; "
                              "its state must not carry channel orders")  # fmt: skip
+        self._validate_recent(B, H)
 
     def _check_positions(self, T: int):
         """The position scalars against the ``T`` tokens stored."""
         if self.offset > T:
             raise ValueError(f"offset {self.offset} is beyond the {T} tokens stored")
 
+    def _validate_recent(self, B, H):
+        # Batch caches build single views with __new__: no window attributes there.
+        rk, rv = getattr(self, "recent_keys", None), getattr(self, "recent_values", None)
+        if rk is None and rv is None:
+            return
+        if not (isinstance(rk, mx.array) and isinstance(rv, mx.array)):
+            raise ValueError("TurboQuantKVCache recent keys and values must both be arrays")
+        r = rk.shape[2] if rk.ndim == 4 else -1
+        if r > min(self.scheme.window, self.offset) or (
+            tuple(rk.shape), tuple(rv.shape)) != ((B, H, r, self.k_dim), (B, H, r, self.v_dim)
+        ) or rk.dtype != self.dtype or rv.dtype != self.dtype:  # fmt: skip
+            raise ValueError(
+                f"TurboQuantKVCache recent keys {tuple(rk.shape)} / values {tuple(rv.shape)} "
+                f"({rk.dtype}) do not fit a window of {self.scheme.window} over {self.offset} "
+                f"tokens, D_k={self.k_dim}, D_v={self.v_dim}, dtype {self.dtype}"
+            )
+
     @classmethod
     def from_state(cls, state, meta_state=None):
         obj = cls.__new__(cls)
         obj.keys = obj.key_norms = obj.values = obj.value_norms = None
         obj.key_channels = obj.value_channels = None
+        obj.recent_keys = obj.recent_values = None
         obj._dtype = None
+        obj.scheme = parse_scheme("turbo4")  # replaced by the state's scalars
         if meta_state is not None:
             obj.meta_state = meta_state
         obj.state = state

@@ -5,7 +5,7 @@ Every bad input raises ``ValueError`` naming what was given and what is allowed.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 KEY_BITS = (0, 2, 3, 4, 8)  # 0: keys stay in the model's float dtype
@@ -18,6 +18,7 @@ SPLIT_BITS = (2, 3)  # turbo2.5 and turbo3.5: half the channels at b+1 bits
 # 1 QJL sign bit and the residual's norm; values stay "mse"), "split" (the paper's outlier
 # split: keys and values each as two MSE codecs on channel halves).
 VARIANTS = ("mse", "prod", "split")
+MAX_WINDOW = 4096  # recent tokens a cache may keep uncompressed
 
 SCHEME_FORMS = (
     "turbo{B} with B in {2, 3, 4} (keys and values at B bits)",
@@ -25,9 +26,10 @@ SCHEME_FORMS = (
     "turbo{B}-prod or turbo{K}v{V}-prod with B, K in {2, 3, 4} (keys: K-1 MSE bits + 1 QJL "
     "bit) and V in {2, 3, 4}",
     "turbo2.5 or turbo3.5 (half the channels at one bit more, keys and values)",
+    f"any of them with w{{W}} before -prod, W in [1, {MAX_WINDOW}]: the W most recent tokens "
+    "also kept uncompressed (turbo4w16, turbo3.5w16, turbo4w16-prod)",
 )
-_NAME = re.compile(r"^turbo(\d+)(?:v(\d+))?(-prod)?$")
-_SPLIT_NAME = re.compile(r"^turbo(\d)\.5$")
+_NAME = re.compile(r"^turbo(\d+)(?:v(\d+)|(\.5))?(?:w(\d+))?(-prod)?$")
 
 
 def split_dims(dim: int):
@@ -47,6 +49,8 @@ class KVScheme:
         seed: base seed; each layer and each of K / V derive their own rotation from it.
         variant: one of ``VARIANTS``. With "prod", ``key_bits`` counts the QJL bit; with
             "split", ``key_bits`` / ``value_bits`` are the bits of the non-outlier half.
+        window: the most recent ``window`` tokens are also kept uncompressed, and attention
+            reads them from there (docs/evaluation.md: the fp16 window lever).
     """
 
     name: str
@@ -55,6 +59,7 @@ class KVScheme:
     norm_correction: bool = True
     seed: int = 0
     variant: str = "mse"
+    window: int = 0
 
     def __post_init__(self):
         if self.key_bits not in KEY_BITS:
@@ -73,6 +78,9 @@ class KVScheme:
                 f"split schemes need key_bits == value_bits in {SPLIT_BITS}, "
                 f"got {self.key_bits!r} and {self.value_bits!r}"
             )
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= MAX_WINDOW:
+            raise ValueError(f"window must be an int in [0, {MAX_WINDOW}], got {w!r}")
 
     def vector_format(self, kind: str, dim: int):
         """``(uint32 words, fp16 norms)`` one stored vector costs; ``kind``: "keys" / "values".
@@ -108,6 +116,11 @@ class KVScheme:
         words, norms = self.vector_format("values", v_dim)
         return n_kv_heads * (k + 4 * words + 2 * norms)
 
+    def window_bytes(self, n_kv_heads: int, k_dim: int, v_dim: Optional[int] = None) -> int:
+        """Bytes the uncompressed window adds to one layer (fp16), whatever the length."""
+        v_dim = k_dim if v_dim is None else v_dim
+        return 2 * self.window * n_kv_heads * (k_dim + v_dim)
+
 
 def parse_scheme(name) -> KVScheme:
     """``"turbo4"`` -> ``KVScheme(key_bits=4, value_bits=4)``; ``"turbo0v4"`` -> fp16 keys."""
@@ -115,21 +128,39 @@ def parse_scheme(name) -> KVScheme:
         return name
     if not isinstance(name, str):
         raise ValueError(f"a KV scheme is a name such as 'turbo4', got {name!r}")
-    text = name.strip().lower()
-    m = _NAME.match(text)
+    m = _NAME.match(name.strip().lower())
     if m is not None:
-        k, v, prod = int(m.group(1)), m.group(2), m.group(3) is not None
-        key_bits = PROD_KEY_BITS if prod else KEY_BITS
-        variant, suffix = ("prod", "-prod") if prod else ("mse", "")
-        if v is None and k in SYMMETRIC_BITS:
-            return KVScheme(f"turbo{k}{suffix}", k, k, variant=variant)
-        if v is not None and k in key_bits and int(v) in VALUE_BITS:
-            return KVScheme(f"turbo{k}v{int(v)}{suffix}", k, int(v), variant=variant)
-    m = _SPLIT_NAME.match(text)
-    if m is not None and int(m.group(1)) in SPLIT_BITS:
-        b = int(m.group(1))
-        return KVScheme(f"turbo{b}.5", b, b, variant="split")
+        k, v, half, w, prod = m.groups()
+        k, window = int(k), 0 if w is None else int(w)
+        vb = k if v is None else int(v)
+        if w is not None and not 1 <= window <= MAX_WINDOW:
+            pass  # w0 or a window over MAX_WINDOW: not a scheme
+        elif half is not None:
+            if k in SPLIT_BITS and not prod:
+                return KVScheme(m.group(0), k, k, variant="split", window=window)
+        elif (k in SYMMETRIC_BITS if v is None else vb in VALUE_BITS) and k in (
+            PROD_KEY_BITS if prod else KEY_BITS
+        ):
+            return KVScheme(_compose(k, v and vb, half, window, prod), k, vb,
+                            variant="prod" if prod else "mse", window=window)  # fmt: skip
     raise ValueError(f"unknown KV scheme {name!r}; valid forms: " + "; ".join(SCHEME_FORMS))
+
+
+def _compose(k, v, half, window, prod) -> str:
+    """A built-in name from its parts: turbo{k}, v{v} or .5, w{window}, -prod."""
+    return (f"turbo{k}" + (f"v{v}" if v is not None else half or "")
+            + (f"w{window}" if window else "") + (prod or ""))  # fmt: skip
+
+
+def with_window(scheme: KVScheme, window: int) -> KVScheme:
+    """``scheme`` with another window; a built-in name follows (turbo4 -> turbo4w16)."""
+    if window == scheme.window:
+        return scheme
+    m = _NAME.match(scheme.name)
+    if m is None:  # a plugin's name stays as registered
+        return replace(scheme, window=window)
+    k, v, half, _, prod = m.groups()
+    return replace(scheme, name=_compose(k, v, half, window, prod), window=window)
 
 
 def builtin_scheme_names() -> list:
@@ -153,7 +184,8 @@ def parse_layer_spec(spec, num_layers: int) -> list:
     Accepted: ``None`` / ``"all"``; ``"none"``; a Python slice ``"2:-2"``, ``"::2"``;
     comma lists of indices and inclusive ranges ``"0,3-7"`` (negative indices count
     from the end); exclusions prefixed with ``!`` or ``^``: ``"all,!0,!-1"``; or a
-    sequence of ints.
+    sequence of ints. Items with per-layer schemes (``"-1=turbo8v4"``, ``"@plan.json"``,
+    see :func:`parse_layer_plan`) count as the layers they compress.
     """
     if not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
@@ -163,6 +195,8 @@ def parse_layer_spec(spec, num_layers: int) -> list:
         return sorted({_index(i, num_layers, spec) for i in spec})
     if not isinstance(spec, str):
         raise ValueError(f"a layer spec is a string such as '2:-2' or '0,3-7', got {spec!r}")
+    if "=" in spec or spec.startswith("@"):  # per-layer schemes: the layers they compress
+        return list(parse_layer_plan(spec, num_layers, "turbo4"))
     text = spec.replace(" ", "")
     if text == "":
         raise ValueError(f"empty layer spec {spec!r}; {_LAYER_HELP}")
@@ -228,6 +262,61 @@ def _parse_part(body, num_layers, spec) -> set:
             raise ValueError(f"range {body!r} in layer spec {spec!r} runs backwards")
         return set(range(lo, hi + 1))
     return {_index(_int(body, spec), num_layers, spec)}
+
+
+def parse_layer_plan(spec, num_layers: int, scheme) -> dict:
+    """Which scheme each compressed layer gets: ``{layer index: KVScheme}``.
+
+    A layer spec (see :func:`parse_layer_spec`) whose items may end in ``=SCHEME``:
+    ``"-1=turbo8v4"`` compresses every layer with ``scheme`` but the last with turbo8v4;
+    ``"0-3,5=turbo8v4"`` compresses 0-3 with ``scheme``, 5 with turbo8v4 and keeps 4;
+    ``=fp16`` keeps those layers uncompressed. The plain items choose the layers as in
+    :func:`parse_layer_spec` (all of them when there are none); assignments are applied
+    after them, in order, and include the layers they name. ``"@plan.json"`` reads the
+    spec from the ``"layers"`` field of a file (``mlx-lm-turboquant eval calibrate`` writes one).
+    """
+    base = parse_scheme(scheme)
+    spec = read_plan_file(spec)
+    if not isinstance(spec, str) or "=" not in spec:
+        return {i: base for i in parse_layer_spec(spec, num_layers)}
+    plain, assigned = [], []
+    for part in spec.replace(" ", "").split(","):
+        layers, eq, name = part.partition("=")
+        if not eq:
+            plain.append(part)
+            continue
+        if layers[:1] in ("!", "^") or layers == "":
+            raise ValueError(f"{part!r} in layer spec {spec!r}: assign a scheme as LAYERS=SCHEME")
+        assigned.append((layers, name))
+    chosen = parse_layer_spec(",".join(plain) if plain else "all", num_layers)
+    plan = {i: base for i in chosen}
+    for layers, name in assigned:
+        target = None if name.lower() == "fp16" else parse_scheme(name)
+        if target is not None:  # the base scheme's seed, norm correction, window carry over
+            target = with_window(target, target.window or base.window)
+            target = replace(target, norm_correction=base.norm_correction, seed=base.seed)
+        for i in _parse_part(layers, num_layers, spec):
+            if target is None:
+                plan.pop(i, None)
+            else:
+                plan[i] = target
+    return dict(sorted(plan.items()))
+
+
+def read_plan_file(spec):
+    """``spec``, or the ``"layers"`` field of the JSON file ``spec`` names as ``@path``."""
+    if not isinstance(spec, str) or not spec.startswith("@"):
+        return spec
+    import json
+
+    try:
+        with open(spec[1:]) as f:
+            layers = json.load(f).get("layers")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot read a layer plan from {spec[1:]!r}: {e}") from None
+    if not isinstance(layers, str) or layers.startswith("@"):
+        raise ValueError(f"{spec[1:]!r} has no \"layers\" layer spec string, got {layers!r}")
+    return layers
 
 
 def layer_spec_in_force(spec, default: Optional[str] = None):

@@ -62,6 +62,11 @@ class RotatingTurboQuantKVCache(TurboQuantKVCache):
     def __init__(self, scheme="turbo4", layer_index: int = 0, *, max_size: int, keep: int = 0):
         _check_window(max_size, keep)
         super().__init__(scheme, layer_index)
+        if self.scheme.window:
+            raise ValueError(
+                f"scheme {self.scheme.name!r} keeps a recent-token window, which sliding-window "
+                "caches do not: use the scheme without w<N> (make_prompt_cache drops it there)"
+            )
         self.max_size, self.keep = max_size, keep
         self._idx = 0
 

@@ -10,6 +10,7 @@ from mlx_lm.models import llama
 import mlx_lm_turboquant as tq
 from mlx_lm_turboquant import TurboQuantKVCache, make_prompt_cache
 from mlx_lm_turboquant.api import base_make_prompt_cache, compress_cache
+from mlx_lm_turboquant.rotating_cache import RotatingTurboQuantKVCache
 
 
 def _tiny_llama(layer_types=None, n_layers=4):
@@ -24,15 +25,26 @@ def _tiny_llama(layer_types=None, n_layers=4):
     return model
 
 
-def test_default_keeps_the_last_attention_layer(monkeypatch):
+def test_default_protects_the_last_attention_layer(monkeypatch):
     monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
     cache = make_prompt_cache(_tiny_llama(), "turbo3")
-    assert [type(c) for c in cache] == [TurboQuantKVCache] * 3 + [mlx_cache.KVCache]
-    assert [c.layer_index for c in cache[:3]] == [0, 1, 2]
-    assert all(c.scheme.name == "turbo3" for c in cache[:3])
-    # Too few attention layers to spare one: all are compressed.
+    assert [type(c) for c in cache] == [TurboQuantKVCache] * 4
+    assert [c.layer_index for c in cache] == [0, 1, 2, 3]
+    assert [c.scheme.name for c in cache] == ["turbo3"] * 3 + ["turbo8v4"]
+    # fp16 keys stay fp16; values rise to 4 bits; a scheme already there is unchanged
+    assert make_prompt_cache(_tiny_llama(), "turbo0v3")[-1].scheme.name == "turbo0v4"
+    assert make_prompt_cache(_tiny_llama(), "turbo8v4")[-1].scheme.name == "turbo8v4"
+    # Too few attention layers to spare one: all get the plain scheme.
     cache = make_prompt_cache(_tiny_llama(n_layers=3), "turbo3")
-    assert [type(c) for c in cache] == [TurboQuantKVCache] * 3
+    assert [c.scheme.name for c in cache] == ["turbo3"] * 3
+
+
+def test_per_layer_schemes(monkeypatch):
+    monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
+    cache = make_prompt_cache(_tiny_llama(), "turbo4", layers="0=turbo2,-1=fp16")
+    assert [getattr(c, "scheme", None) and c.scheme.name for c in cache] == [
+        "turbo2", "turbo4", "turbo4", None]  # fmt: skip
+    assert type(cache[-1]) is mlx_cache.KVCache
 
 
 def test_layer_spec_and_env(monkeypatch):
@@ -65,9 +77,17 @@ def test_sliding_window_layers_are_compressed_and_counted_by_layer_specs(monkeyp
     ]  # fmt: skip
     cache = make_prompt_cache(model, "turbo4", layers="0")
     assert type(cache[0]).__name__ == "RotatingTurboQuantKVCache"
-    # The default keeps the last eligible layer (4 eligible layers here).
+    # The default gives the last eligible layer turbo8v4 (4 eligible layers here).
     cache = make_prompt_cache(model, "turbo4")
-    assert [type(c).__name__ for c in cache][-1] == "KVCache"
+    assert [c.scheme.name for c in cache] == ["turbo4", "turbo4", "turbo4", "turbo8v4"]
+    # A recent-token window applies to full-attention layers; sliding ones get the scheme
+    # without it, and the plan records that.
+    cache = base_make_prompt_cache(model)
+    plan = compress_cache(model, cache, "turbo4w16", layers="all")
+    assert [c.scheme.name for c in cache] == ["turbo4", "turbo4w16", "turbo4", "turbo4w16"]
+    assert {i: s.name for i, s in plan.overrides.items()} == {0: "turbo4", 2: "turbo4"}
+    with pytest.raises(ValueError, match="sliding-window caches do not"):
+        RotatingTurboQuantKVCache("turbo4w16", max_size=8)
 
 
 def test_other_cache_types_are_left_alone():
@@ -120,3 +140,15 @@ def test_dispatcher_patch_is_idempotent_and_reversible():
     out = base.scaled_dot_product_attention(q, k, v, cache=mlx_cache.KVCache(), scale=1.0, mask=None)
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=None)
     np.testing.assert_allclose(np.array(out), np.array(ref), atol=1e-6)
+
+
+def test_report_names_the_overridden_layers(monkeypatch):
+    from mlx_lm_turboquant.api import base_make_prompt_cache, compress_cache
+    from mlx_lm_turboquant.integration.report import describe
+
+    monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
+    model = _tiny_llama()
+    plan = compress_cache(model, base_make_prompt_cache(model), "turbo3")
+    line = describe(model, plan, "test")
+    # 3 layers of 2 heads at (26 + 26) B and one at (66 + 34) B; fp16: 4 * 2 * 256 B
+    assert "turbo3 (test) on 4/4 layers [0-3]; 3 as turbo8v4; KV 512 B/token vs 2,048" in line

@@ -177,3 +177,68 @@ def test_bad_inputs():
     c = _filled(chunks=(3,))
     with pytest.raises(ValueError, match="head dims changed"):
         c.update_and_fetch(*_kv(L=1, D=64))
+
+
+@pytest.mark.parametrize("scheme", ["turbo3.5w16", "turbo4w16-prod", "turbo0v3w8"])
+def test_recent_window_with_every_format(scheme):
+    from mlx_lm_turboquant.kernels.reference import reference_sdpa
+
+    c = _filled(scheme, chunks=(40, 3), layer=2)
+    w = c.scheme.window
+    q = mx.random.normal((1, 4, 1, c.k_dim))
+    # Attending only to the window gives exact attention on the kept tokens, whatever
+    # the format of the older ones (prod keys add a QJL term there, split permutes).
+    recent_only = mx.arange(c.offset)[None, None, None, :] >= c.offset - w
+    got = reference_sdpa(q, c, 0.1, mask=recent_only)
+    want = mx.fast.scaled_dot_product_attention(q, c.recent_keys, c.recent_values, scale=0.1)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6)
+    # Round trip through the state, window and (split) channel orders included.
+    b = TurboQuantKVCache.from_state(c.state)
+    assert b.scheme == c.scheme and b.recent_keys.shape[2] == w
+    np.testing.assert_allclose(np.array(reference_sdpa(q, b, 0.1)),
+                               np.array(reference_sdpa(q, c, 0.1)), atol=1e-6)  # fmt: skip
+    if c.scheme.variant != "prod":  # there attention is not a function of dequantize()
+        k, v = c.dequantize()
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1)
+        np.testing.assert_allclose(np.array(reference_sdpa(q, c, 0.1)), np.array(want),
+                                   atol=2e-6)  # fmt: skip
+
+
+def test_recent_window_is_read_uncompressed_and_survives_trim_and_files(tmp_path, monkeypatch):
+    from mlx_lm_turboquant import kernels
+    from mlx_lm_turboquant.kernels.reference import reference_sdpa
+
+    c = _filled("turbo3w16", chunks=(40, 1, 1), layer=1)
+    assert c.recent_keys.shape[2] == 16 and c.scheme.window == 16
+    # The last 16 tokens are exact, the older ones decoded, in what attention reads.
+    k, v = c.dequantize()
+    np.testing.assert_array_equal(np.array(k[:, :, -16:]), np.array(c.recent_keys))
+    q = mx.random.normal((1, 4, 2, k.shape[-1]))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1, mask="causal")
+    got = reference_sdpa(q, c, 0.1, mask="causal", block_tokens=16)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6)
+    # No fused kernel reads a window: dispatch declines before looking for one.
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "get_op", lambda op: lambda *a, **k: 1 / 0)
+        assert kernels.run("decode_attention", q, c, 0.1) is None
+    c.trim(5)
+    assert c.recent_keys.shape[2] == 11 and c.offset == 37
+    c.update_and_fetch(*_kv(L=9))
+    assert c.recent_keys.shape[2] == 16
+    # Prompt-cache files carry the window (two more arrays).
+    mlx_cache.TurboQuantKVCache = TurboQuantKVCache
+    path = str(tmp_path / "cache.safetensors")
+    mlx_cache.save_prompt_cache(path, [c])
+    (b,) = mlx_cache.load_prompt_cache(path)
+    assert b.scheme == c.scheme and b.offset == c.offset
+    np.testing.assert_array_equal(np.array(b.recent_values), np.array(c.recent_values))
+    bad = list(c.state)
+    bad[-2] = bad[-2][:, :, :, :3]
+    with pytest.raises(ValueError, match="window of 16"):
+        TurboQuantKVCache.from_state(bad)
+    with pytest.raises(ValueError, match="does not match a state of"):
+        TurboQuantKVCache.from_state(bad[:-2])
+    from mlx_lm_turboquant.batch_cache import BatchTurboQuantKVCache
+
+    with pytest.raises(ValueError, match="batched caches do not support"):
+        BatchTurboQuantKVCache("turbo4w16", left_padding=[0, 1])

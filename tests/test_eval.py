@@ -33,6 +33,26 @@ def test_kld_writes_table_json_and_plots(real_model, tmp_path, capsys):
     assert "| turbo4 | 96 |" in capsys.readouterr().out
 
 
+def test_calibrate_writes_a_plan_that_fits_the_budget(real_model, tmp_path, capsys):
+    from mlx_lm_turboquant import make_prompt_cache
+
+    code = _run(["eval", "calibrate", "--model", str(TEST_MODEL), "--ids", str(VAL_IDS),
+                 "--formats", "turbo2,turbo4,fp16", "--budget", "0.3", "--prefill", "48",
+                 "--steps", "8", "--windows", "1", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["bytes_ratio"] <= 0.3 and len(plan["formats"]) == 6
+    assert set(plan["sensitivity"]) == {"turbo2", "turbo4", "fp16"}
+    assert all(a > b for a, b in zip(plan["sensitivity"]["turbo2"], plan["sensitivity"]["fp16"]))
+    assert f"plan: {plan['layers']}" in capsys.readouterr().out
+    cache = make_prompt_cache(real_model[0], "turbo4", layers=f"@{tmp_path / 'plan.json'}")
+    names = [getattr(c, "scheme", None) and c.scheme.name for c in cache]
+    assert names == [None if f == "fp16" else f for f in plan["formats"]]
+    code = _run(["eval", "calibrate", "--model", str(TEST_MODEL), "--ids", str(VAL_IDS),
+                 "--formats", "turbo2", "--budget", "0.1", "--prefill", "48", "--steps", "8"])  # fmt: skip
+    assert code == 2 and "below the cheapest plan" in capsys.readouterr().err
+
+
 def test_niah_and_memory(real_model, tmp_path, capsys):
     assert _run(["eval", "niah", "--model", str(TEST_MODEL), "--ids", str(VAL_IDS), "--schemes",
                  "turbo4", "--lengths", "96", "--depths", "0.5", "--trials", "2",

@@ -31,19 +31,21 @@ def reference_768(real_model, val_ids):
 
 def test_turbo4_quality_floor(real_model, val_ids, reference_768, monkeypatch):
     # The CI floor: prefill 768 tokens, 256 teacher-forced steps, against the
-    # uncompressed cache: mean KL below 0.02 nats/token and top-1 agreement above 95%
-    # with the default layers (all but the last), measured 0.0040 and 96.9%.
+    # uncompressed cache. The default layers (every layer, the last at turbo8v4):
+    # measured KL 0.0043, top-1 96.1% at 0.279x (docs/evaluation.md: 0.0046 and 97.5%
+    # over four windows).
     monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
     model, _ = real_model
     ref = reference_768
     r = teacher_forced_kl(model, val_ids, "turbo4", prefill=768, steps=256, reference=ref)
-    assert r.kl_mean < 0.02 and r.top1_agreement > 0.95
-    assert r.kv_bytes < 0.4 * r.kv_bytes_reference  # 5 of 6 layers at 0.258x
-    # Every layer compressed: measured KL 0.0057 (top-1 95.3%, too close to 95% for a
-    # stable assertion on 256 tokens; see docs/evaluation.md for 1024 tokens).
-    r = teacher_forced_kl(model, val_ids, "turbo4", "all", prefill=768, steps=256, reference=ref)
-    assert r.kl_mean < 0.02
-    assert r.kv_bytes < 0.27 * r.kv_bytes_reference
+    assert r.kl_mean < 0.01 and r.top1_agreement > 0.95
+    assert r.kv_bytes < 0.28 * r.kv_bytes_reference  # 5 layers at 0.258x, one at 0.383x
+    # Every layer turbo4, the last 16 tokens also fp16 (the issue-6 turbo4 candidate):
+    # measured KL 0.0019, top-1 98.4% at 0.273x (four windows: 0.0030, 98.2%).
+    r = teacher_forced_kl(model, val_ids, "turbo4w16", "all", prefill=768, steps=256,
+                          reference=ref)  # fmt: skip
+    assert r.kl_mean < 0.005 and r.top1_agreement > 0.97
+    assert r.kv_bytes < 0.28 * r.kv_bytes_reference
 
 
 def test_turbo3_5_quality_floor(real_model, val_ids, reference_768, monkeypatch):

@@ -1,5 +1,5 @@
-"""``mlx-lm-turboquant eval {kld,niah,memory} ...``: quality and memory of KV schemes on any
-mlx-lm model, with progress bars, a markdown table on stdout, and JSON + PNG in ``--out``."""
+"""``mlx-lm-turboquant eval {kld,niah,memory,calibrate} ...``: quality and memory of KV schemes
+on any mlx-lm model, with progress bars, a markdown table on stdout, and JSON + PNG in ``--out``."""
 
 import json
 from pathlib import Path
@@ -240,14 +240,66 @@ def _memory(p):
     return run_memory
 
 
+def run_calibrate(args):
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..config import parse_scheme
+    from .allocate import FP16, allocate, layer_costs, measure, plan_spec
+
+    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
+    for f in formats:
+        if f != FP16:
+            parse_scheme(f)
+    if not formats:
+        raise ValueError(f"--formats needs at least one format, got {args.formats!r}")
+    if not 0 < args.budget <= 1:
+        raise ValueError(f"--budget is KV bytes as a share of fp16's, in (0, 1], got {args.budget}")
+    windows = _ints(args.windows, "--windows")
+    model, tokenizer = _load(args)
+    span = args.prefill + args.steps + 1
+    ids = _token_ids(args, tokenizer, span * max(windows))
+    chunks = [ids[(w - 1) * span : w * span] for w in windows]
+    total = sum(f != FP16 for f in formats) * len(model.layers)
+    with tqdm(total=total, desc="calibrate", unit="layer") as bar:
+        kl, cache = measure(model, chunks, formats, args.prefill, args.steps, progress=bar)
+    cost = layer_costs(cache, formats)
+    fp16 = sum(layer_costs(cache, [FP16])[FP16])
+    plan = allocate(kl, cost, int(args.budget * fp16))
+    spec = plan_spec(plan)
+    used = sum(cost[f][i] for i, f in enumerate(plan))
+    predicted = float(np.sum([kl[f][i] for i, f in enumerate(plan)]))
+    print(f"plan: {spec}\nKV bytes {used / fp16:.3f}x fp16 ({16 * used / fp16:.2f} bits/coord), "
+          f"predicted KL {predicted:.5f} (sum of single-layer KLs)")  # fmt: skip
+    _write(args.out, "plan", {"layers": spec, "formats": plan, "bytes_ratio": used / fp16,
+                              "predicted_kl": predicted, "sensitivity": kl,
+                              "args": _settings(args)})  # fmt: skip
+    return 0
+
+
+def _calibrate(p):
+    _common(p)
+    p.add_argument("--ids", default=None, help=".npy file of token ids")
+    p.add_argument("--text", default=None, help="text file to tokenize instead of --ids")
+    p.add_argument("--formats", default="turbo3,turbo4v3,turbo4,turbo8v4",
+                   help="formats a layer may get (scheme names, or fp16)")
+    p.add_argument("--budget", type=float, default=0.28, help="KV bytes as a fraction of fp16's")
+    p.add_argument("--prefill", type=int, default=768)
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--windows", default="1,2", help="which consecutive spans of the ids to use")
+    return run_calibrate
+
+
 TOOLS = {
     "kld": (_kld, "teacher-forced KL divergence and top-1 agreement against the fp16 cache"),
     "niah": (_niah, "needle-in-a-haystack retrieval, fp16 against each scheme, with a heatmap"),
     "memory": (_memory, "KV bytes and peak memory of a prefill, per scheme and context length"),
+    "calibrate": (_calibrate, "bits per layer from measured sensitivity: a layer plan (plan.json) "
+                              "for a KV size budget"),
 }
 
 
-@command("eval", help="quality and memory of KV schemes: kld, niah, memory")
+@command("eval", help="quality and memory of KV schemes: kld, niah, memory, calibrate")
 def _eval(parser):
     sub = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
     for name, (setup, help) in TOOLS.items():

@@ -56,8 +56,10 @@ def kv_bytes(cache) -> int:
     for c in cache:
         if isinstance(c, mlx_cache.KVCache) and not c.empty():
             total += c.nbytes * 2 // c.keys.dtype.size
-        elif isinstance(c, TurboQuantKVCache) and not c.empty() and c.scheme.key_bits == 0:
-            total += c.nbytes - c.keys.nbytes + c.keys.nbytes * 2 // c.keys.dtype.size
+        elif isinstance(c, TurboQuantKVCache) and not c.empty():
+            floats = [c.keys] if c.scheme.key_bits == 0 else []  # counted at 2 bytes each
+            floats += [a for a in (c.recent_keys, c.recent_values) if a is not None]
+            total += c.nbytes - sum(a.nbytes - a.size * 2 for a in floats)
         else:
             total += c.nbytes
     return total

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str):
         "--kv-layers",
         metavar="SPEC",
         default=None,
-        help="Full-attention layers to compress: 'all', '1:-1', '0,3-7', 'all,!0' "
+        help="Full-attention layers to compress: 'all', '1:-1', '0,3-7', 'all,!0'; per-layer "
+        "schemes '-1=turbo8v4', or a calibrated plan '@plan.json' "
         "(default: $MLX_TQ_LAYERS, else the scheme's default).",
     )
     if command == "perplexity":
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str):
 
 def after_parse(parser: argparse.ArgumentParser, args, command: str):
     """Validate the TurboQuant flags against the rest; errors exit like argparse's."""
-    from ..config import parse_layer_spec
+    from ..config import parse_layer_plan
     from . import generate_patch
 
     name, layers = getattr(args, "kv_scheme", None), getattr(args, "kv_layers", None)
@@ -73,7 +74,7 @@ def after_parse(parser: argparse.ArgumentParser, args, command: str):
                     parser.error("--kv-layers needs --kv-scheme (or MLX_TQ_SCHEME)")
                 selection = dataclasses.replace(selection, layers=layers)
         if layers is not None:
-            parse_layer_spec(layers, 4096)  # syntax only; ranges are checked per model
+            parse_layer_plan(layers, 4096, "turbo4")  # syntax only; ranges are checked per model
     except ValueError as e:
         parser.error(str(e))
     on = selection is not None and selection.scheme is not None

@@ -71,7 +71,8 @@ def bytes_per_token(model, plan):
         heads, k_dim, v_dim = shape
         fp16 += heads * (k_dim + v_dim) * 2
         if i in plan.compressed:
-            total += plan.scheme.bytes_per_token(heads, k_dim, v_dim)
+            scheme = plan.overrides.get(i, plan.scheme)
+            total += scheme.bytes_per_token(heads, k_dim, v_dim)
         else:
             total += heads * (k_dim + v_dim) * 2
     return total, fp16
@@ -96,6 +97,11 @@ def describe(model, plan, source: str, label: str = "") -> str:
     parts = [
         f"{who}{s.name} ({source}) on {len(plan.compressed)}/{n} layers [{ranges(plan.compressed)}]"
     ]
+    if plan.overrides:
+        by_name = {}
+        for i, scheme in plan.overrides.items():
+            by_name.setdefault(scheme.name, []).append(i)
+        parts.append(", ".join(f"{ranges(idx)} as {name}" for name, idx in by_name.items()))
     if kept:
         parts.append(kept.replace("(layer spec)", f"(layers '{plan.layers_spec}')"))
     sizes = bytes_per_token(model, plan)

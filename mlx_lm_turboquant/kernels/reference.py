@@ -80,25 +80,44 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
     if mask is not None and not isinstance(mask, str):
         mask = _to_grouped(mask, n_kv_heads, n_rep)
 
+    # The last r tokens of a scheme with a window are read uncompressed, put in the same
+    # channel order and rotated bases as the decoded blocks (r vectors, once per call).
+    recent = getattr(cache, "recent", None)
+    r = 0 if recent is None else recent[0].shape[2]
+    if r:
+        rk, rv = (x.astype(mx.float32) for x in recent)
+        if split:
+            rk, rv = permute(rk, cache.key_channels), permute(rv, cache.value_channels)
+        rk = rk if key_codec is None else key_codec.rotation.forward(rk)
+        rv = value_codec.rotation.forward(rv)
+
+    def blocks():
+        """``(k0, k1, keys, values, QJL weights or None)`` per block of tokens, rotated."""
+        for k0 in range(0, T - r, block_tokens):
+            k1 = min(T - r, k0 + block_tokens)
+            kb, kn = keys[:, :, k0:k1], None if key_norms is None else key_norms[:, :, k0:k1]
+            w = None
+            if key_codec is None:
+                k = kb.astype(mx.float32)
+            elif prod:
+                k = key_codec.decode_mse_rotated(kb, kn)
+                w = key_codec.residual_weights(kb, kn)
+            else:
+                k = key_codec.decode_rotated(kb, kn)
+            v = value_codec.decode_rotated(values[:, :, k0:k1], value_norms[:, :, k0:k1])
+            yield k0, k1, k, v, w
+        if r:
+            yield T - r, T, rk, rv, None
+
     outputs = []
     for q0 in range(0, L, block_queries):
         q1 = min(L, q0 + block_queries)
         qc = q[..., q0:q1, :]
         m_run = l_run = acc = None
-        for k0 in range(0, T, block_tokens):
-            k1 = min(T, k0 + block_tokens)
-            kb, kn = keys[:, :, k0:k1], None if key_norms is None else key_norms[:, :, k0:k1]
-            if key_codec is None:
-                k = kb.astype(mx.float32)
-            elif prod:
-                k = key_codec.decode_mse_rotated(kb, kn)
-            else:
-                k = key_codec.decode_rotated(kb, kn)
-            v = value_codec.decode_rotated(values[:, :, k0:k1], value_norms[:, :, k0:k1])
+        for k0, k1, k, v, w in blocks():
             s = qc @ mx.expand_dims(k, 2).swapaxes(-1, -2)  # [B, H_kv, n_rep, Lc, Tb]
-            if prod:
-                w = mx.expand_dims(key_codec.residual_weights(kb, kn), 2)
-                s = s + q_sketch[..., q0:q1, :] @ w.swapaxes(-1, -2)
+            if w is not None:
+                s = s + q_sketch[..., q0:q1, :] @ mx.expand_dims(w, 2).swapaxes(-1, -2)
             m = _mask_block(mask, q0, q1, k0, k1, L, T)
             if m is not None:
                 s = mx.where(m, s, _NEG) if m.dtype == mx.bool_ else s + m.astype(s.dtype)
