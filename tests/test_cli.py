@@ -144,6 +144,17 @@ def test_flag_errors_are_clear(tq_python, args, env, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("flags, named", [
+    (("--kv-scheme", "turbo4w16"), "turbo4w16"),
+    (("--kv-scheme", "turbo4", "--kv-layers", "all,-1=turbo8v4w8"), "turbo8v4w8"),
+])  # fmt: skip
+def test_server_refuses_recent_windows_at_start(tq_python, flags, named):
+    # Batch caches keep no recent-token window: the server says so before loading anything.
+    out = mlx_lm(tq_python, "server", "--model", TEST_MODEL, *flags, env=clean_env())
+    assert out.returncode == 2, out.stderr
+    assert f"{named} keep a recent-token window" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_cache_prompt_then_generate_from_the_file(tq_python, tmp_path):
     f = tmp_path / "prompt.safetensors"
     out = mlx_lm(tq_python, "cache_prompt", "--model", TEST_MODEL, "--prompt",

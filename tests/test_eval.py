@@ -53,6 +53,29 @@ def test_calibrate_writes_a_plan_that_fits_the_budget(real_model, tmp_path, caps
     assert code == 2 and "below the cheapest plan" in capsys.readouterr().err
 
 
+def test_paired_needle_difference_counts_discordant_prompts():
+    from mlx_lm_turboquant.eval.niah import NeedleResult, paired_difference
+
+    def result(name, hits):
+        answers = [{"length": n, "depth": 0.5, "trial": t, "hit": h}
+                   for n, row in hits.items() for t, h in enumerate(row)]  # fmt: skip
+        return NeedleResult(name, list(hits), [0.5], 10, [], answers)
+
+    ref = result("fp16", {1024: [1] * 10, 2048: [1] * 6 + [0] * 4})
+    other = result("turbo4", {1024: [0] * 6 + [1] * 4, 2048: [1] * 6 + [0, 0, 0, 1]})
+    by_length = {r["length"]: r for r in paired_difference(ref, other)}
+    # 6 lost, 0 gained at 1024: p = 2 / 2**6; at 2048 one gained, none lost: p = 1.
+    assert (by_length[1024]["lost"], by_length[1024]["gained"]) == (6, 0)
+    assert by_length[1024]["p_value"] == pytest.approx(2 / 64)
+    assert by_length[1024]["difference"] == pytest.approx(-0.6)
+    assert by_length[2048]["p_value"] == 1.0 and by_length[2048]["gained"] == 1
+    lo, hi = by_length["all"]["ci95"]
+    assert by_length["all"]["difference"] == pytest.approx(-5 / 20)
+    assert lo < -5 / 20 < hi < 0  # 6 of 7 discordant prompts lost: significant
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_difference(ref, result("x", {1024: [1] * 10, 4096: [1] * 10}))
+
+
 def test_niah_and_memory(real_model, tmp_path, capsys):
     assert _run(["eval", "niah", "--model", str(TEST_MODEL), "--ids", str(VAL_IDS), "--schemes",
                  "turbo4", "--lengths", "96", "--depths", "0.5", "--trials", "2",
@@ -60,6 +83,10 @@ def test_niah_and_memory(real_model, tmp_path, capsys):
     data = json.loads((tmp_path / "niah.json").read_text())
     assert [r["scheme"] for r in data["results"]] == ["fp16", "turbo4"]
     assert all(len(r["answers"]) == 2 for r in data["results"])
+    hits = [[a["hit"] for a in r["answers"]] for r in data["results"]]
+    (overall,) = [row for row in data["paired"]["turbo4"] if row["length"] == "all"]
+    assert overall["prompts"] == 2 and overall["reference_hits"] == sum(hits[0])
+    assert overall["lost"] == sum(a and not b for a, b in zip(*hits))
     assert (tmp_path / "niah.png").exists()
     assert _run(["eval", "memory", "--model", str(TEST_MODEL), "--ids", str(VAL_IDS), "--schemes",
                  "turbo3", "--contexts", "256", "--chunk", "128", "--layers", "all",

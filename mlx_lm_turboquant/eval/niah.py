@@ -6,6 +6,7 @@ model with working long-range attention completes the number. The same prompts r
 through the uncompressed cache and through each scheme.
 """
 
+import math
 import string
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
@@ -96,6 +97,35 @@ def needle_in_haystack(model, tokenizer, haystack_ids, schemes, lengths, depths,
                 if progress is not None:
                     progress.update(1)
     return [results[n] for n in names]
+
+
+def paired_difference(reference: NeedleResult, other: NeedleResult) -> List[Dict]:
+    """``other`` against ``reference`` on the same prompts, per context length and overall.
+
+    The prompts are paired, so only discordant ones carry information: ``lost`` (reference
+    hit, other missed) and ``gained``. Each row has the hit-rate difference, its 95%
+    confidence interval (normal approximation of the paired difference) and the exact
+    two-sided McNemar p-value (a binomial test on the discordant prompts).
+    """
+    pairs = list(zip(reference.answers, other.answers))
+    if any((a["length"], a["depth"], a["trial"]) != (b["length"], b["depth"], b["trial"])
+           for a, b in pairs):  # fmt: skip
+        raise ValueError(f"{reference.scheme} and {other.scheme} did not answer the same prompts")
+    rows = []
+    for length in reference.lengths + ["all"]:
+        sel = [(a["hit"], b["hit"]) for a, b in pairs if length in ("all", a["length"])]
+        n = len(sel)
+        lost = sum(a and not b for a, b in sel)
+        gained = sum(b and not a for a, b in sel)
+        diff = (gained - lost) / n
+        se = math.sqrt(max(lost + gained - n * diff**2, 0.0)) / n
+        k, m = min(lost, gained), lost + gained
+        p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2**m) if m else 1.0
+        rows.append({"length": length, "prompts": n, "reference_hits": sum(a for a, _ in sel),
+                     "hits": sum(b for _, b in sel), "lost": lost, "gained": gained,
+                     "difference": diff, "ci95": [diff - 1.96 * se, diff + 1.96 * se],
+                     "p_value": p})  # fmt: skip
+    return rows
 
 
 def plot_heatmaps(results: List[NeedleResult], path):

@@ -83,6 +83,15 @@ def after_parse(parser: argparse.ArgumentParser, args, command: str):
             f"{selection.source} {selection.scheme.name} cannot be combined with --kv-bits: "
             "both compress the KV cache; use one of them"
         )
+    batched = command == "server" or (command == "benchmark" and getattr(args, "batch_size", 1) > 1)
+    if on and batched:
+        windowed = _windowed_schemes(selection)
+        if windowed:
+            parser.error(
+                f"{', '.join(windowed)} keep a recent-token window, which batch caches "
+                f"(mlx_lm.{command} batches requests) do not support yet; use the scheme "
+                "without w<N>"
+            )
     if command == "perplexity" and args.kv_chunk_size is not None:
         if not on:
             parser.error("--kv-chunk-size needs --kv-scheme (or MLX_TQ_SCHEME)")
@@ -103,6 +112,18 @@ def after_parse(parser: argparse.ArgumentParser, args, command: str):
     if name is not None or layers is not None:
         state.set_cli(selection)
     return args
+
+
+def _windowed_schemes(selection) -> list:
+    """Names of the schemes with a recent-token window among the selection's base scheme and
+    the per-layer schemes of its layer spec."""
+    from ..config import layer_spec_in_force, parse_layer_plan
+
+    spec = layer_spec_in_force(selection.layers, selection.info.layers)
+    schemes = {selection.scheme}
+    if spec is not None:
+        schemes |= set(parse_layer_plan(spec, 4096, selection.scheme).values())
+    return sorted(s.name for s in schemes if s.window)
 
 
 def _with_parse_hook(parser, command):
