@@ -49,10 +49,11 @@ def test_turbo4_quality_floor(real_model, val_ids, reference_768, monkeypatch):
 
 
 def test_turbo3_5_quality_floor(real_model, val_ids, reference_768, monkeypatch):
-    # The outlier split's CI floor, same window, default layers: measured 0.0061
-    # (top-1 95.7%, 0.364x), between turbo4 (0.0040) and turbo3 (0.0135); docs/evaluation.md.
+    # The outlier split's CI floor, same window, default layers (the last at turbo8v4):
+    # measured 0.0063 (top-1 94.9%, 0.261x), between turbo4 (0.0043) and turbo3; with
+    # the last layer fp16 it was 0.0061 at 0.364x (docs/evaluation.md).
     monkeypatch.delenv("MLX_TQ_LAYERS", raising=False)
     r = teacher_forced_kl(real_model[0], val_ids, "turbo3.5", prefill=768, steps=256,
                           reference=reference_768)  # fmt: skip
     assert r.kl_mean < 0.012 and r.top1_agreement > 0.94
-    assert r.kv_bytes < 0.37 * r.kv_bytes_reference  # 5 of 6 layers at 0.234x + channel orders
+    assert r.kv_bytes < 0.27 * r.kv_bytes_reference  # 5 layers at 0.234x, one at 0.383x

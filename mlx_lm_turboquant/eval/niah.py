@@ -138,7 +138,8 @@ def plot_heatmaps(results: List[NeedleResult], path):
     for ax, r in zip(axes[0], results):
         im = ax.imshow(r.rate(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(r.lengths)), [str(n) for n in r.lengths], rotation=45)
-        ax.set_yticks(range(len(r.depths)), [f"{d:.0%}" for d in r.depths])
+        labels = [f"{d:.0%}" for d in r.depths] if ax is axes[0][0] else []
+        ax.set_yticks(range(len(r.depths)), labels)
         ax.set_title(f"{r.scheme}: {r.rate().mean():.0%}")
         ax.set_xlabel("context length")
         for (i, j), v in np.ndenumerate(r.rate()):
