@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlx_lm_turboquant.eval.niah import NeedleResult, paired_difference, plot_heatmaps  # noqa: E402
+from mlx_lm_turboquant.eval.niah import (  # noqa: E402
+    NeedleResult, against_first, markdown_tables, plot_heatmaps,
+)
 
 
 def combine(paths):
@@ -38,18 +40,8 @@ def main():
     p.add_argument("--out", required=True, help="folder for niah.json and niah.png")
     args = p.parse_args()
     results = combine(args.files)
-    paired = {r.scheme: paired_difference(results[0], r) for r in results[1:]}
-    lengths = results[0].lengths
-    header = " | ".join(f"{n}" for n in lengths) + " | all |\n" + "|---" * (len(lengths) + 2) + "|"
-    print("| cache | " + header)
-    for r in results:
-        rate = r.rate()
-        cells = " | ".join(f"{100 * rate[:, j].mean():.0f}%" for j in range(len(lengths)))
-        print(f"| {r.scheme} | {cells} | {100 * rate.mean():.1f}% |")
-    print("\n| lost / gained vs fp16 | " + header)
-    for name, rows in paired.items():
-        cells = [f"-{r['lost']}/+{r['gained']}, p={r['p_value']:.2g}" for r in rows]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    paired = against_first(results)
+    print(markdown_tables(results, paired))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"sources": args.files, "paired": paired, "results": [r.as_dict() for r in results]}

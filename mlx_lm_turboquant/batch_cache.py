@@ -15,7 +15,8 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, _BaseCache, dynamic_roll
 
 from .cache import (
-    MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache, check_channel_order, take_head_dims,
+    MAX_HEAD_DIM, CompressedKV, TurboQuantKVCache, array_or_none, check_channel_order,
+    take_head_dims,
 )
 from .codec.split import identity_channels
 from .config import KVScheme, parse_scheme
@@ -425,8 +426,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         # The single cache checks the scalars and the arrays of one row (offset = _idx).
         single = TurboQuantKVCache.__new__(TurboQuantKVCache)
         single._set_scalars((name, kb, vb, nc, seed, layer, idx, k_dim, v_dim, dtype, variant))
-        arrays = [None if a is None or a.size == 0 else a for a in arrays]
-        channels = [None if a is None or a.size == 0 else a for a in channels]
+        arrays, channels = list(map(array_or_none, arrays)), list(map(array_or_none, channels))
         if arrays[2] is not None:
             row = [None if a is None else a[:1] for a in arrays]
             single.keys, single.key_norms, single.values, single.value_norms = row

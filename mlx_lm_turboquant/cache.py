@@ -49,7 +49,7 @@ def check_channel_order(name: str, channels: mx.array):
         raise ValueError(f"{name} must hold a permutation of each head's channels")
 
 
-def _array_or_none(a):
+def array_or_none(a):
     """A state entry: None and the empty arrays that stand for None (old mlx-lm) are None."""
     return None if a is None or (isinstance(a, mx.array) and a.size == 0) else a
 
@@ -397,8 +397,8 @@ class TurboQuantKVCache(_BaseCache):
             if (len(v) > n) != bool(self.scheme.window):
                 raise ValueError(f"scheme {self.scheme.name!r} does not match a state of "
                                  f"{len(v)} items")  # fmt: skip
-        self.key_channels, self.value_channels = map(_array_or_none, channels)
-        self.recent_keys, self.recent_values = map(_array_or_none, recent)
+        self.key_channels, self.value_channels = map(array_or_none, channels)
+        self.recent_keys, self.recent_values = map(array_or_none, recent)
         self._set_arrays(arrays)
 
     @property
@@ -466,7 +466,7 @@ class TurboQuantKVCache(_BaseCache):
             raise ValueError(f"cache dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
     def _set_arrays(self, arrays):
-        keys, key_norms, values, value_norms = map(_array_or_none, arrays)
+        keys, key_norms, values, value_norms = map(array_or_none, arrays)
         self.keys, self.key_norms, self.values, self.value_norms = keys, key_norms, values, value_norms
         if not USES_META_STATE or self.k_dim is not None:
             self._validate()

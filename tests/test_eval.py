@@ -74,6 +74,8 @@ def test_paired_needle_difference_counts_discordant_prompts():
     assert lo < -5 / 20 < hi < 0  # 6 of 7 discordant prompts lost: significant
     with pytest.raises(ValueError, match="same prompts"):
         paired_difference(ref, result("x", {1024: [1] * 10, 4096: [1] * 10}))
+    with pytest.raises(ValueError, match="same prompts"):  # a shorter run, same first prompts
+        paired_difference(ref, result("x", {1024: [1] * 10}))
 
 
 def test_niah_and_memory(real_model, tmp_path, capsys):

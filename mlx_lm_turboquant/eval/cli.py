@@ -163,7 +163,7 @@ def _kld(p):
 def run_niah(args):
     from tqdm import tqdm
 
-    from .niah import needle_in_haystack, paired_difference, plot_heatmaps
+    from .niah import against_first, markdown_tables, needle_in_haystack, plot_heatmaps
 
     schemes = _schemes(args.schemes)
     lengths = _ints(args.lengths, "--lengths")
@@ -175,22 +175,9 @@ def run_niah(args):
     with tqdm(total=len(lengths) * len(depths) * args.trials, desc="niah", unit="prompt") as bar:
         results = needle_in_haystack(model, tokenizer, ids, schemes, lengths, depths, args.trials,
                                      args.seed, args.layers, progress=bar)  # fmt: skip
-    print("| cache | " + " | ".join(f"{n} tokens" for n in lengths) + " | all |")
-    print("|---" * (len(lengths) + 2) + "|")
-    for r in results:
-        rate = r.rate()
-        cells = " | ".join(f"{100 * rate[:, j].mean():.0f}%" for j in range(len(lengths)))
-        print(f"| {r.scheme} | {cells} | {100 * rate.mean():.1f}% |")
     # The same prompts ran through every cache: compare each scheme with fp16 pairwise.
-    paired = {r.scheme: paired_difference(results[0], r) for r in results[1:]}
-    print("\n| scheme vs fp16 | length | prompts | lost | gained | difference (95% CI) | "
-          "McNemar p |\n|---|---|---|---|---|---|---|")
-    for name, rows in paired.items():
-        for row in rows:
-            lo, hi = row["ci95"]
-            print(f"| {name} | {row['length']} | {row['prompts']} | {row['lost']} | "
-                  f"{row['gained']} | {100 * row['difference']:+.1f} pts ({100 * lo:+.1f}, "
-                  f"{100 * hi:+.1f}) | {row['p_value']:.3g} |")
+    paired = against_first(results)
+    print(markdown_tables(results, paired))
     out = _write(args.out, "niah", {"args": _settings(args), "paired": paired,
                                     "results": [r.as_dict() for r in results]})  # fmt: skip
     if out is not None:

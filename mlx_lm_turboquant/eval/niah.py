@@ -108,8 +108,10 @@ def paired_difference(reference: NeedleResult, other: NeedleResult) -> List[Dict
     two-sided McNemar p-value (a binomial test on the discordant prompts).
     """
     pairs = list(zip(reference.answers, other.answers))
-    if any((a["length"], a["depth"], a["trial"]) != (b["length"], b["depth"], b["trial"])
-           for a, b in pairs):  # fmt: skip
+    if len(reference.answers) != len(other.answers) or any(
+        (a["length"], a["depth"], a["trial"]) != (b["length"], b["depth"], b["trial"])
+        for a, b in pairs
+    ):
         raise ValueError(f"{reference.scheme} and {other.scheme} did not answer the same prompts")
     rows = []
     for length in reference.lengths + ["all"]:
@@ -126,6 +128,31 @@ def paired_difference(reference: NeedleResult, other: NeedleResult) -> List[Dict
                      "difference": diff, "ci95": [diff - 1.96 * se, diff + 1.96 * se],
                      "p_value": p})  # fmt: skip
     return rows
+
+
+def against_first(results: List[NeedleResult]) -> Dict[str, List[Dict]]:
+    """:func:`paired_difference` of every result against the first (fp16)."""
+    return {r.scheme: paired_difference(results[0], r) for r in results[1:]}
+
+
+def markdown_tables(results: List[NeedleResult], paired: Dict[str, List[Dict]]) -> str:
+    """Hit rates per cache and context length, then each scheme paired with fp16."""
+    lengths = results[0].lengths
+    lines = ["| cache | " + " | ".join(f"{n} tokens" for n in lengths) + " | all |",
+             "|---" * (len(lengths) + 2) + "|"]  # fmt: skip
+    for r in results:
+        rate = r.rate()
+        cells = " | ".join(f"{100 * rate[:, j].mean():.0f}%" for j in range(len(lengths)))
+        lines.append(f"| {r.scheme} | {cells} | {100 * rate.mean():.1f}% |")
+    lines += ["", "| scheme vs fp16 | length | prompts | lost | gained | difference (95% CI) | "
+              "McNemar p |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, rows in paired.items():
+        for row in rows:
+            lo, hi = row["ci95"]
+            lines.append(f"| {name} | {row['length']} | {row['prompts']} | {row['lost']} | "
+                         f"{row['gained']} | {100 * row['difference']:+.1f} pts ({100 * lo:+.1f}, "
+                         f"{100 * hi:+.1f}) | {row['p_value']:.3g} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def plot_heatmaps(results: List[NeedleResult], path):
