@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from mlx_lm_turboquant.cache import layer_seed  # noqa: E402
 from mlx_lm_turboquant.codec import get_codec, packed_words  # noqa: E402
+from mlx_lm_turboquant.eval.kld import step_logprobs as library_step_logprobs  # noqa: E402
 
 BITS = (0, 2, 3, 4, 8)  # 0 = fp16
 _NAME = re.compile(r"^turbo(\d+)(?:v(\d+))?$")
@@ -269,16 +270,8 @@ def configs(sets):
 
 
 def step_logprobs(model, ids, cache, prefill, steps):
-    tokens = mx.array(ids[None, : prefill + steps])
-    model(tokens[:, :prefill], cache=cache)
-    mx.eval([c.keys for c in cache])
-    out = []
-    for t in range(prefill, prefill + steps):
-        logits = model(tokens[:, t : t + 1], cache=cache)[0, -1].astype(mx.float32)
-        out.append(logits - mx.logsumexp(logits))
-        if len(out) % 32 == 0:
-            mx.eval(out)
-    return mx.stack(out)
+    """The library's teacher-forced loop, the whole prefill in one call as the study ran it."""
+    return library_step_logprobs(model, ids, cache, prefill, steps, prefill_step=prefill)
 
 
 def score(ref, lp, ids, prefill, steps):

@@ -20,7 +20,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 import mlx_lm_turboquant
 from mlx_lm_turboquant import RotatingTurboQuantKVCache, TurboQuantKVCache
-from mlx_lm_turboquant.eval.kld import _step_logprobs, teacher_forced_kl
+from mlx_lm_turboquant.eval.kld import step_logprobs, teacher_forced_kl
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT.parent / "shared" / "models" / "tq-llama-8k"
@@ -75,7 +75,7 @@ def main():
 
 def reference_run_with(model, ids, cache, args):
     """Like ``eval.kld.reference_run``, on a given cache list instead of the default one."""
-    logprobs = _step_logprobs(model, ids, cache, args.prefill, args.steps)
+    logprobs = step_logprobs(model, ids, cache, args.prefill, args.steps)
     mx.eval(logprobs)
     return logprobs, cache
 

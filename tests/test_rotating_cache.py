@@ -199,13 +199,13 @@ def test_compress_rotating_cache_holds_the_window_in_order():
 def test_real_model_through_a_compressed_sliding_window(real_model, val_ids):
     """tq-llama-8k with every layer given a 64-token window, 128 teacher-forced steps past
     it: turbo4 against RotatingKVCache stays close (docs/models.md has 512 / 1024 tokens)."""
-    from mlx_lm_turboquant.eval.kld import _step_logprobs
+    from mlx_lm_turboquant.eval.kld import step_logprobs
 
     model, _ = real_model
     n = len(model.layers)
-    ref = _step_logprobs(model, val_ids, [RotatingKVCache(64) for _ in range(n)], 32, 128)
+    ref = step_logprobs(model, val_ids, [RotatingKVCache(64) for _ in range(n)], 32, 128)
     cache = [RotatingTurboQuantKVCache("turbo4", i, max_size=64) for i in range(n)]
-    tq = _step_logprobs(model, val_ids, cache, 32, 128)
+    tq = step_logprobs(model, val_ids, cache, 32, 128)
     kl = (mx.exp(ref) * (ref - tq)).sum(axis=-1).mean().item()
     agree = (ref.argmax(-1) == tq.argmax(-1)).mean().item()
     assert all(c.offset == 160 and c.attended_tokens == 64 for c in cache)

@@ -34,7 +34,7 @@ class KLResult:
         return asdict(self)
 
 
-def _step_logprobs(model, ids, cache, prefill, steps, prefill_step=2048):
+def step_logprobs(model, ids, cache, prefill, steps, prefill_step=2048):
     """Log-probabilities ``[steps, vocab]`` of the decode steps (float32)."""
     tokens = mx.array(ids[None, : prefill + steps])
     for start in range(0, prefill, prefill_step):
@@ -71,7 +71,7 @@ def reference_run(model, ids, prefill=768, steps=256):
     if ids.ndim != 1 or len(ids) < prefill + steps + 1:
         raise ValueError(f"need a 1-D array of at least {prefill + steps + 1} ids, got {ids.shape}")
     cache = mlx_cache.make_prompt_cache(model)
-    logprobs = _step_logprobs(model, ids, cache, prefill, steps)
+    logprobs = step_logprobs(model, ids, cache, prefill, steps)
     mx.eval(logprobs)
     return logprobs, cache
 
@@ -88,7 +88,7 @@ def teacher_forced_kl(model, ids, scheme, layers=None, prefill=768, steps=256, r
     ids = np.asarray(ids)
     ref, ref_cache = reference or reference_run(model, ids, prefill, steps)
     tq_cache = cache if cache is not None else make_prompt_cache(model, scheme, layers=layers)
-    tq = _step_logprobs(model, ids, tq_cache, prefill, steps)
+    tq = step_logprobs(model, ids, tq_cache, prefill, steps)
     kl = (mx.exp(ref) * (ref - tq)).sum(axis=-1)
     targets = mx.array(ids[prefill + 1 : prefill + steps + 1])
     nll_ref = -mx.take_along_axis(ref, targets[:, None], axis=-1)
