@@ -13,8 +13,10 @@ cost of encoding one new token in every layer.
 """
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -26,6 +28,8 @@ import mlx.nn as nn
 import mlx_lm_turboquant
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.config import parse_scheme
+from mlx_lm_turboquant.kernels import launch
+from mlx_lm_turboquant.kernels.launch import TENSOR_CORES_ENV
 
 H_Q, H_KV, D = 32, 8, 128
 SCHEMES = ("turbo4", "turbo3", "turbo2", "turbo4v2", "turbo0v4")
@@ -113,7 +117,7 @@ def kernel_bench(contexts, schemes, baselines=True):
         mx.clear_cache()
 
         for name in schemes:
-            scheme = parse_scheme(name)
+            scheme = parse_scheme(name.split(":")[0])
             nbytes = scheme.bytes_per_token(H_KV, D) * T
             caches = []
             for _ in range(_n_copies(nbytes)):
@@ -123,7 +127,8 @@ def kernel_bench(contexts, schemes, baselines=True):
                 c.update_and_fetch(k, v)
                 mx.eval(c.keys, c.values, c.value_norms)
                 caches.append(c)
-            t = _time(lambda c: turboquant_sdpa(q, c, scale), caches)
+            with _kernel_variant(name):
+                t = _time(lambda c: turboquant_sdpa(q, c, scale), caches)
             row[name] = {"ms": t * 1e3, "bytes": nbytes, "GBps": nbytes / t / 1e9}
             del caches
             mx.clear_cache()
@@ -131,6 +136,29 @@ def kernel_bench(contexts, schemes, baselines=True):
         if baselines:
             print(_kernel_line(row, schemes), flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _kernel_variant(name):
+    """``scheme:portable`` measures the portable kernel where CUDA's tensor-core one would
+    run; ``scheme:noprefetch`` the tensor-core kernel without its early loads."""
+    variant = name.split(":")[1] if ":" in name else ""
+    if variant not in ("", "portable", "noprefetch"):
+        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; "
+                         "allowed: portable, noprefetch")  # fmt: skip
+    old_env, old_prefetch = os.environ.get(TENSOR_CORES_ENV), launch.TC_PREFETCH
+    if variant == "portable":
+        os.environ[TENSOR_CORES_ENV] = "0"
+    launch.TC_PREFETCH = variant != "noprefetch"
+    launch._launch.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.pop(TENSOR_CORES_ENV, None)
+        if old_env is not None:
+            os.environ[TENSOR_CORES_ENV] = old_env
+        launch.TC_PREFETCH = old_prefetch
+        launch._launch.cache_clear()
 
 
 def _kernel_line(row, schemes):
@@ -235,8 +263,9 @@ def e2e_bench(contexts, schemes, steps):
         row = {"context": T}
         for kind in ["fp16"] + list(schemes):
             try:
-                cache = _fill(model, kind, T)
-                tps, host, peak = decode_rate(model, cache, steps)
+                cache = _fill(model, kind.split(":")[0], T)
+                with _kernel_variant(kind):
+                    tps, host, peak = decode_rate(model, cache, steps)
                 enc = encode_cost(cache)
                 row[kind] = {"tok_s": tps, "host_ms_per_step": host * 1e3, "peak_GB": peak / 1e9,
                              "encode_ms": enc * 1e3, "encode_share": enc * tps}  # fmt: skip
@@ -311,8 +340,6 @@ def main():
         result["kernels"] = kernel_bench(args.contexts, args.schemes)
         (out / "bench.json").write_text(json.dumps(result, indent=1))
     if args.sweep_blocks:
-        from mlx_lm_turboquant.kernels import launch
-
         default, result["block_sweep"] = launch.TARGET_BLOCKS, {}
         for n in args.sweep_blocks:
             launch.TARGET_BLOCKS = n

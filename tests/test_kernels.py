@@ -182,6 +182,93 @@ def test_emulated_attention_parity(monkeypatch, scheme, D, n_rep, L, mask, sinks
 
 
 @needs_gxx
+@pytest.mark.parametrize(
+    "scheme, D, n_rep, L, mask, sinks, prefetch",
+    [
+        ("turbo4", 128, 4, 1, None, False, True),
+        ("turbo4", 128, 4, 1, None, False, False),
+        ("turbo3", 128, 2, 4, "causal", True, True),  # value codes straddle words (48 bits)
+        ("turbo2v4", 64, 8, 1, "additive", False, True),  # separate key / value tables
+        ("turbo3v2", 64, 1, 4, "bool", True, False),  # key codes straddle words
+        ("turbo4v3", 128, 4, 2, "causal", False, True),  # 8 rows: every row of the tile in use
+    ],
+)
+def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, sinks, prefetch):
+    """The tensor-core kernel (mma emulated with the PTX ISA's fragment layout) against the
+    float32 attention, its pure-MLX twin and the portable kernel."""
+    import kernel_emulator as emu
+
+    monkeypatch.setattr(launch, "TARGET_BLOCKS", 4)  # long spans: each warp takes many steps
+    monkeypatch.setattr(launch, "TC_PREFETCH", prefetch)
+    launch._launch.cache_clear()
+    n_kv = 2
+    cache, keys, values = _cache(scheme, D, n_kv, seed=D + 3 * L, dtype=mx.bfloat16)
+    op, _ = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,
+                         cache.keys.dtype, n_rep, L, D, True)  # fmt: skip
+    assert op == "attention_tc"
+    q = (mx.random.normal((1, n_kv * n_rep, L, D)) * 3.0).astype(mx.bfloat16)
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(L, T)) < 0.7
+        mask[:, -1] = True
+    elif mask == "additive":
+        mask = mx.random.normal((1, n_kv * n_rep, L, T))
+    s = mx.random.normal((n_kv * n_rep,)) if sinks else None
+    exact = mx.fast.scaled_dot_product_attention(
+        q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
+        scale=D**-0.5, mask=mask, sinks=s,
+    )  # fmt: skip
+    run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
+                  mask=mask, sinks=s)  # fmt: skip
+    fused, portable = run(tensor_cores=True), run(tensor_cores=False)
+    twin = reference_sdpa(q, cache, D**-0.5, mask=mask, sinks=s)
+    assert fused.dtype == q.dtype and not mx.isnan(fused).any()
+    e_twin = _rms(twin, exact)
+    assert _rms(fused, exact) <= 2 * e_twin + 1e-6
+    # fp16 queries and centroids add about 1% of the quantization error; a wrong fragment
+    # layout or code pairing would add far more.
+    assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin
+    assert _rms(portable, twin.astype(mx.float32)) < 0.05 * e_twin
+
+
+def test_tensor_core_plan_limits():
+    shared = 48 * 1024
+    plan = launch.tensor_core_plan(128, 4, 1, 4, 4, True, shared)
+    assert plan is not None and plan.SAME_TABLE and plan.R == 4 and plan.TILE == 64
+    assert launch.tensor_core_plan(128, 4, 1, 4, 2, True, shared).SAME_TABLE is False
+    assert launch.tensor_core_plan(128, 4, 4, 4, 4, True, shared) is None  # 16 rows
+    assert launch.tensor_core_plan(96, 4, 1, 4, 4, True, shared) is None  # head dim
+    assert launch.tensor_core_plan(256, 4, 1, 4, 4, True, shared) is None
+    assert launch.tensor_core_plan(128, 4, 1, 8, 4, True, shared) is None  # 8-bit keys
+    # two 4-bit tables (different codebooks) do not fit next to each other
+    assert launch.tensor_core_plan(128, 4, 1, 4, 4, False, shared) is None
+
+
+def test_tensor_core_switch(monkeypatch):
+    monkeypatch.setenv(launch.TENSOR_CORES_ENV, "0")
+    assert launch.tensor_cores_enabled() is False
+    monkeypatch.setenv(launch.TENSOR_CORES_ENV, "yes")
+    with pytest.raises(ValueError, match="MLX_TQ_TENSOR_CORES='yes'; allowed: 0, 1"):
+        launch.tensor_cores_enabled()
+    monkeypatch.delenv(launch.TENSOR_CORES_ENV)
+    assert launch.tensor_cores_enabled() is True
+
+
+def test_metal_has_no_cuda_only_kernels(monkeypatch):
+    from mlx_lm_turboquant.kernels import metal
+    from mlx_lm_turboquant.kernels.source import CUDA_ONLY
+
+    built = []
+    monkeypatch.setattr(metal, "available", lambda: True)
+    monkeypatch.setattr(mx.fast, "metal_kernel", lambda **kw: built.append(kw["name"]) or "k")
+    metal.kernel.cache_clear()
+    try:
+        assert all(metal.kernel(op) is None for op in CUDA_ONLY)
+        assert metal.kernel("attention") == "k" and built == ["turboquant_attention"]
+    finally:
+        metal.kernel.cache_clear()
+
+
+@needs_gxx
 @pytest.mark.parametrize("D, kb, vb", [(64, 3, 3), (96, 4, 2), (128, 8, 4)])
 def test_emulated_encode_matches_the_codec(monkeypatch, D, kb, vb):
     emulated = _emulate(monkeypatch)

@@ -14,6 +14,7 @@ import pytest
 from mlx_lm_turboquant import TurboQuantKVCache, kernels
 from mlx_lm_turboquant.codec import get_codec
 from mlx_lm_turboquant.config import builtin_scheme_names
+from mlx_lm_turboquant.kernels import launch
 from mlx_lm_turboquant.kernels.reference import reference_sdpa
 
 BACKEND = kernels.active_backend()
@@ -28,11 +29,12 @@ def _rms(a, ref):
     return float(mx.sqrt(((a.astype(mx.float32) - ref) ** 2).mean()))
 
 
-def _case(scheme, D, n_rep, L, dtype, seed, n_kv=2, mask=None, sinks=False, scale=1.0):
+def _case(scheme, D, n_rep, L, dtype, seed, n_kv=2, mask=None, sinks=False, scale=1.0,
+          q_scale=1.0):  # fmt: skip
     mx.random.seed(seed)
     keys = (mx.random.normal((1, n_kv, T, D)) * 2.0 * scale).astype(dtype)
     values = (mx.random.normal((1, n_kv, T, D)) * scale).astype(dtype)
-    queries = mx.random.normal((1, n_kv * n_rep, L, D)).astype(dtype)
+    queries = (mx.random.normal((1, n_kv * n_rep, L, D)) * q_scale).astype(dtype)
     cache = TurboQuantKVCache(scheme, layer_index=seed % 97)
     cache.update_and_fetch(keys[:, :, : T - L], values[:, :, : T - L])
     cache.update_and_fetch(keys[:, :, T - L :], values[:, :, T - L :])
@@ -64,6 +66,31 @@ def test_attention_parity(scheme, D, n_rep, L):
     assert e_fused <= 2 * e_twin + 1e-6, (seed, e_fused, e_twin)
 
 
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("n_rep", [1, 4])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2", "turbo4v2"])
+def test_portable_kernel_where_tensor_cores_apply(monkeypatch, scheme, D, n_rep, L):
+    """The portable kernel (Metal's algorithm) keeps its parity on shapes that the CUDA
+    tensor-core kernel takes over by default."""
+    monkeypatch.setenv(launch.TENSOR_CORES_ENV, "0")
+    seed = SEED + hash((scheme, D, n_rep, L, "portable")) % 100_000
+    fused, twin, exact = _case(scheme, D, n_rep, L, mx.float16, seed,
+                               mask="causal" if L > 1 else None)  # fmt: skip
+    assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6, seed
+
+
+@pytest.mark.skipif(BACKEND is None or BACKEND.NAME != "cuda", reason="CUDA only")
+@pytest.mark.parametrize("scheme, expected", [("turbo4", "attention_tc"), ("turbo3", "attention_tc"),
+                                              ("turbo8v4", "attention"), ("turbo0v4", "attention")])
+def test_tensor_cores_take_the_shapes_they_cover(scheme, expected):
+    cache = TurboQuantKVCache(scheme)
+    cache.update_and_fetch(mx.zeros((1, 2, 1, 128)), mx.zeros((1, 2, 1, 128)))  # makes codecs
+    op, _ = launch._plan(BACKEND.kernel, BACKEND.SHARED_BYTES, cache.key_codec, cache.value_codec,
+                         mx.float16, 4, 1, 128, launch.tensor_cores_enabled())  # fmt: skip
+    assert op == expected
+
+
 @pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2v4", "turbo0v4", "turbo8v2"])
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
 @pytest.mark.parametrize("sinks", [False, True])
@@ -71,6 +98,8 @@ def test_attention_masks_and_sinks(scheme, mask_kind, sinks):
     seed = SEED + hash((scheme, mask_kind, sinks)) % 100_000
     mx.random.seed(seed)
     L, n_rep, D = 4, 4, 128
+    if scheme in ("turbo4", "turbo3"):  # 8 rows: the tensor-core kernel on CUDA
+        L, n_rep = 2, 4
     if mask_kind == "bool":
         mask = mx.random.uniform(shape=(L, T)) < 0.7
         mask[:, -1] = True
@@ -80,13 +109,23 @@ def test_attention_masks_and_sinks(scheme, mask_kind, sinks):
     assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6, seed
 
 
+@pytest.mark.parametrize("L", [1, 4])  # 4 rows (tensor cores on CUDA) and 16
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("scheme", ["turbo4", "turbo2", "turbo0v4", "turbo8v3"])
-def test_no_nan_with_large_norms(scheme, dtype):
+def test_no_nan_with_large_norms(scheme, dtype, L):
     # fp16 keys near its range; bf16 far beyond fp16's (stored norms are clamped to 65504).
     scale = 2000.0 if dtype == mx.float16 else 1e6
-    fused, twin, _ = _case(scheme, 128, 4, 4, dtype, SEED, mask="causal", scale=scale)
+    fused, twin, _ = _case(scheme, 128, 4, L, dtype, SEED, mask="causal", scale=scale)
     assert not mx.isnan(fused).any() and not mx.isnan(twin).any()
+
+
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3"])
+def test_large_queries(scheme):
+    # the tensor cores take the query as fp16: it goes in divided by its largest element
+    seed = SEED + 17
+    fused, twin, exact = _case(scheme, 128, 4, 1, mx.bfloat16, seed, q_scale=3e4)
+    assert not mx.isnan(fused).any()
+    assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6, seed
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

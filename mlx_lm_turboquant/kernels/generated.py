@@ -14,8 +14,8 @@ from typing import List, Tuple
 import mlx.core as mx
 
 from . import cuda, metal
-from .launch import attention_plan
-from .source import OPS
+from .launch import attention_plan, tensor_core_plan
+from .source import CUDA_ONLY, OPS
 
 # mlx passes an input in Metal's `constant` address space below this many elements.
 METAL_MAX_CONSTANT_ARRAY = 8
@@ -146,6 +146,24 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
     return [attn, red]
 
 
+def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, prefetch=True):
+    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared, prefetch)
+    if plan is None:
+        return []
+    R = plan.R
+    mode, mflags = {None: (0, (False,) * 3), "causal": (1, (False,) * 3),
+                    "array": (2, (False, True, True))}[mask]  # fmt: skip
+    return [KernelConfig(
+        "attention_tc",
+        tuple(plan.template(mx.float16, D**-0.5, mode, *mflags)),
+        ((mx.float16, R * D), (mx.float32, D * D), (mx.uint32, 4096 * plan.WK),
+         (mx.float16, 4096), (mx.uint32, 4096 * plan.WV), (mx.float16, 4096),
+         (mx.float32, 1 << key_bits), (mx.float32, 1 << value_bits),
+         (mx.float32, 4096 * R if mode == 2 else 1), (mx.int32, 1), (mx.int32, 4)),
+        (mx.float32, mx.float32),
+    )]  # fmt: skip
+
+
 def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
     """Kernel instances to compile: every key/value format at D=128, and the head dims,
     GQA factors, query counts, masks and sinks of the parity matrix (all of them with
@@ -177,6 +195,13 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
                  (mx.float32, 1 << kb), (mx.float32, 1 << vb)),
                 (mx.uint32, mx.float16, mx.uint32, mx.float16),
             ))  # fmt: skip
+    if backend in ("cuda",):  # ops in CUDA_ONLY: no Metal version to compile
+        for D, n_rep, L, kb, vb, mask in ((128, 4, 1, 4, 4, None), (128, 1, 4, 3, 3, "causal"),
+                                          (64, 8, 1, 2, 4, "array"), (128, 4, 2, 4, 3, None),
+                                          (64, 2, 4, 3, 2, "causal")):  # fmt: skip
+            out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask)
+        out += _tensor_core_config(128, 4, 1, 4, 4, shared, None, prefetch=False)
+    assert backend == "cuda" or not any(c.op in CUDA_ONLY for c in out)
     seen, unique = set(), []
     for c in out:
         if c not in seen:

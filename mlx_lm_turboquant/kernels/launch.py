@@ -5,6 +5,7 @@
 the pure-MLX path), never a wrong answer.
 """
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, NamedTuple, Optional
@@ -17,6 +18,16 @@ MAX_ROWS = 64  # query rows sharing one KV head in one block (n_rep * L)
 TARGET_BLOCKS = 512  # blocks per call: 512 to 8192 measured within run-to-run noise at 32k-128k (H100)
 PREFETCH_WORDS = 48  # registers per thread holding the next tile
 _NEG = -1e30  # a masked score, as in reference.py
+TENSOR_CORES_ENV = "MLX_TQ_TENSOR_CORES"
+
+
+def tensor_cores_enabled() -> bool:
+    """``MLX_TQ_TENSOR_CORES`` = 1 (default) or 0: whether the CUDA tensor-core attention
+    may be used where it applies (0 keeps the portable kernel, e.g. to compare them)."""
+    value = os.environ.get(TENSOR_CORES_ENV, "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{TENSOR_CORES_ENV}={value!r}; allowed: 0, 1")
+    return value == "1"
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,61 @@ def attention_plan(
     return None
 
 
+TC_THREADS = 128
+TC_PREFETCH = True  # the tensor-core kernel loads the next step's codes early (H100 run 13)
+TC_TILE = 16 * TC_THREADS // 32  # tokens per step of the block: 16 per warp
+
+
+@dataclass(frozen=True)
+class TensorCorePlan:
+    """Compile-time shape of one tensor-core attention kernel (``source.ATTENTION_TC``)."""
+
+    D: int
+    R: int
+    L: int
+    NREP: int
+    NT: int
+    KBITS: int
+    VBITS: int
+    WK: int
+    WV: int
+    SAME_TABLE: bool
+    PREFETCH: bool
+    TILE = TC_TILE
+    Q_SH = True
+
+    @lru_cache(maxsize=None)
+    def template(self, q_dtype, scale, mask_mode=0, mb=False, mh=False, ml=False):
+        t = [(k, getattr(self, k)) for k in self.__dataclass_fields__]
+        scale_bits = int(np.array(scale, np.float32).view(np.int32))
+        return t + [("SCALE_BITS", scale_bits), ("QT", q_dtype), ("MASK_MODE", mask_mode),
+                    ("MB", mb), ("MH", mh), ("ML", ml)]  # fmt: skip
+
+    def __hash__(self):
+        return hash(tuple(getattr(self, k) for k in self.__dataclass_fields__))
+
+
+@lru_cache(maxsize=None)
+def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes,
+                     prefetch=True):  # fmt: skip
+    """The tensor-core kernel's configuration, or None where it does not apply (the portable
+    kernel then runs): head dims 64 or 128, up to 8 query rows per KV head, 2- to 4-bit
+    codes for keys and values (8-bit and float keys need more precision than fp16 inputs to
+    the tensor cores keep; prod and split formats never reach the kernels)."""
+    R = n_rep * L
+    if D not in (64, 128) or R > 8 or L > MAX_QUERIES:
+        return None
+    if not (2 <= key_bits <= 4 and 2 <= value_bits <= 4):
+        return None
+    same = bool(same_table) and key_bits == value_bits
+    tables = (1 << 2 * key_bits) + (0 if same else 1 << 2 * value_bits)
+    merge = (TC_THREADS // 32) * (R * D + 2 * R)
+    if 4 * (max(32 * tables, merge) + D * R) > shared_bytes:
+        return None
+    return TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
+                          D * key_bits // 32, D * value_bits // 32, same, prefetch)  # fmt: skip
+
+
 def split_tokens(T: int, n_blocks: int, tile: int):
     """(tokens per span, number of spans): about TARGET_BLOCKS blocks, whole tiles per span."""
     n_tiles = -(-T // tile)
@@ -169,21 +235,36 @@ class _Launch(NamedTuple):
     key_codec: object
 
 
-@lru_cache(maxsize=4096)  # a few entries per layer: decode looks its layer up every step
-def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads, B, n_q_heads,
-            L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled):  # fmt: skip
-    attn, reduce = kernel("attention"), kernel("reduce")
-    if attn is None or reduce is None or n_q_heads % n_kv_heads:
-        return None
-    n_rep = n_q_heads // n_kv_heads
+def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, tensor_cores):
+    """(op, plan): the tensor-core kernel where it applies and the backend has it, else the
+    portable one; (None, None) where neither covers the shapes."""
+    if tensor_cores and key_codec is not None and kernel("attention_tc") is not None:
+        same = key_codec.codebook is value_codec.codebook
+        plan = tensor_core_plan(D, n_rep, L, key_codec.bits, value_codec.bits, same,
+                                shared_bytes, TC_PREFETCH)  # fmt: skip
+        if plan is not None:
+            return "attention_tc", plan
+    if kernel("attention") is None:
+        return None, None
     key_bits = 0 if key_codec is None else key_codec.bits
     plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_codec.bits, shared_bytes)
+    return ("attention", plan) if plan is not None else (None, None)
+
+
+@lru_cache(maxsize=4096)  # a few entries per layer: decode looks its layer up every step
+def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads, B, n_q_heads,
+            L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled, tensor_cores):  # fmt: skip
+    if kernel("reduce") is None or n_q_heads % n_kv_heads:
+        return None
+    n_rep = n_q_heads // n_kv_heads
+    op, plan = _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D,
+                     tensor_cores)  # fmt: skip
     if plan is None:
         return None
     BH = B * n_kv_heads
     q_in = q_dtype if plan.Q_SH else mx.float32
     template = tuple(plan.template(q_in, scale, mode, mb, mh, ml))
-    graph = _attention_graph(kernel, plan, template, BH, has_sinks, q_dtype, compiled)
+    graph = _attention_graph(kernel, op, plan, template, BH, has_sinks, q_dtype, compiled)
     if key_codec is None:
         rot = kcent = _dummy()
     else:
@@ -193,14 +274,16 @@ def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads,
 
 
 def decode_attention(
-    kernel, shared_bytes, queries, cache, scale, mask=None, sinks=None, compiled=False
+    kernel, shared_bytes, queries, cache, scale, mask=None, sinks=None, compiled=False,
+    tensor_cores=None,
 ):
     """Fused attention of ``queries`` ``[B, H_q, L, D]`` over a TurboQuantKVCache.
 
     Returns ``[B, H_q, L, D]`` in ``queries.dtype``, or None when these shapes are not
     covered (see :func:`attention_plan`) or the backend is missing. With ``compiled`` the
     two launches are replayed from an ``mx.compile`` graph when no mask array is given,
-    which saves most of the host time of a decode step.
+    which saves most of the host time of a decode step. ``tensor_cores`` (default: the
+    ``MLX_TQ_TENSOR_CORES`` setting) lets the tensor-core kernel run where it applies.
     """
     B, n_q_heads, L, D = queries.shape
     if cache.v_dim != D:
@@ -215,6 +298,7 @@ def decode_attention(
         kernel, shared_bytes, cache.key_codec, cache.value_codec, cache.keys.dtype,
         n_kv_heads, B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
         sinks is not None, compiled and mask_arr is None,
+        tensor_cores_enabled() if tensor_cores is None else tensor_cores,
     )  # fmt: skip
     if setup is None:
         return None
@@ -236,10 +320,10 @@ def decode_attention(
 
 
 @lru_cache(maxsize=None)
-def _attention_graph(kernel, plan, template, BH, has_sinks, out_dtype, compiled):
+def _attention_graph(kernel, op, plan, template, BH, has_sinks, out_dtype, compiled):
     """The two launches of one attention configuration as a function of arrays only (so a
     compiled graph can never bake in one layer's rotation or one step's token count)."""
-    attn, reduce = kernel("attention"), kernel("reduce")
+    attn, reduce = kernel(op), kernel("reduce")
     R, D = plan.R, plan.D
     reduce_template = [("D", D), ("R", R), ("L", plan.L), ("NREP", plan.NREP),
                        ("HAS_SINKS", has_sinks), ("OutT", out_dtype)]  # fmt: skip

@@ -7,7 +7,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from . import launch
-from .source import OPS
+from .source import CUDA_ONLY, OPS
 
 NAME = "metal"
 
@@ -56,8 +56,9 @@ def available() -> bool:
 
 @lru_cache(maxsize=None)
 def kernel(op: str):
-    """The ``mx.fast.metal_kernel`` for ``op`` (a key of ``source.OPS``), or None without Metal."""
-    if not available():
+    """The ``mx.fast.metal_kernel`` for ``op`` (a key of ``source.OPS``), or None without Metal
+    or for a CUDA-only op (the caller then launches the portable one)."""
+    if not available() or op in CUDA_ONLY:
         return None
     body, inputs, outputs = OPS[op]
     return mx.fast.metal_kernel(

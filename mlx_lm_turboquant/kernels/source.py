@@ -351,6 +351,365 @@ ATTENTION = r"""
   }
 """
 
+# Decode attention, pass 1, on tensor cores (CUDA only: mma.sync m16n8k16, fp16 in, fp32
+# accumulate). Same inputs, outputs and partial format as ATTENTION, so REDUCE merges either.
+# The scalar kernel spends ~100 warp instructions per token on centroid lookups and FMAs
+# (Nsight Compute, turbo4 at 128k: issue-bound, DRAM 20% busy); here the dot products run
+# on tensor cores and one shared-memory lookup decodes two codes at once.
+#
+# Each warp walks its own tokens, 16 per step, with its own online softmax (no block
+# barrier in the loop); the block merges its warps at the end.
+# * Scores S^T[row][token] = Q K^T: A = the scaled, rotated query as fp16 (rows >= R zero),
+#   B = keys. Thread (g = lane / 4, c = lane % 4) loads token g of each 8-token half and the
+#   codes [c * D / 4, (c + 1) * D / 4) of it; its B fragment of k-chunk kk takes the code
+#   pairs 2 kk and 2 kk + 1 of that range. A dot product does not care in which order the
+#   dimensions are summed, so the query's A fragment uses the same dimension order.
+# * Values O^T[dim][row] += V^T P^T: B = the probabilities, exactly the scores' output
+#   fragment (row g, tokens 2c, 2c + 1 of each half) times the value norms, as fp16;
+#   A = value centroids for tokens (2c, 2c + 1) and (2c + 8, 2c + 9) at two dimensions per
+#   16-dimension tile, thread g owning the stored dimensions [g * D / 8, (g + 1) * D / 8).
+# * Decoding: a table of 2^(2 * BITS) half2 entries (the centroids of two codes) replicated
+#   once per lane (entry e of lane l at e * 32 + l: no bank conflicts); keys look up the
+#   two adjacent codes of one token, values the same dimension of two tokens. Keys and
+#   values share one table when they have the same codebook (SAME_TABLE).
+# Templates: D (64 or 128), R (<= 8 rows), L, NREP, KBITS / VBITS (2..4), WK / WV, SAME_TABLE,
+# PREFETCH (load the next step's codes before computing this one), SCALE_BITS, QT, MASK_MODE,
+# MB, MH, ML, NT (128).
+ATTENTION_TC = r"""
+  constexpr int NWARPS = NT / 32;
+  constexpr int KC = D / 16;                 // k-chunks of the scores = m-tiles of the values
+  constexpr int KSPAN = (D / 4) * KBITS;     // bits of one thread's key codes
+  constexpr int VSPAN = (D / 8) * VBITS;     // bits of one thread's value codes
+  constexpr int NWK = KSPAN % 32 ? KSPAN / 32 + 2 : KSPAN / 32;  // words read per key
+  constexpr int NWV = VSPAN % 32 ? VSPAN / 32 + 2 : VSPAN / 32;
+  constexpr int AWK = (KSPAN + 31) / 32;     // words after alignment
+  constexpr int AWV = (VSPAN + 31) / 32;
+  constexpr int KTAB = 1 << (2 * KBITS);
+  constexpr int VTAB = SAME_TABLE ? 0 : 1 << (2 * VBITS);
+  constexpr int MERGE = NWARPS * (R * D + 2 * R);
+  constexpr int BIG = (KTAB + VTAB) * 32 > MERGE ? (KTAB + VTAB) * 32 : MERGE;
+  constexpr float NEG = -1e30f;
+
+  TQ_SHARED uint32_t big_sh[BIG];  // pair tables; the warps' results at the end
+  TQ_SHARED float q_sh[D * R];     // [D][R]
+  TQ_SHARED_PTR(uint32_t) ktab = big_sh;
+  TQ_SHARED_PTR(uint32_t) vtab = big_sh + (SAME_TABLE ? 0 : KTAB * 32);
+  TQ_SHARED_PTR(uint32_t) kt_lane = ktab + (tq_tid & 31);  // this lane's copy of each entry
+  TQ_SHARED_PTR(uint32_t) vt_lane = vtab + (tq_tid & 31);
+
+  const int lane = tq_tid & 31;
+  const int warp = tq_tid >> 5;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int T = pos[0];
+  const int cap = meta[0];
+  const int span = meta[1];
+  const int n_splits = meta[2];
+  const int n_kv_heads = meta[3];
+  const int split = tq_bx;
+  const int bh = tq_by;
+  const int b = bh / n_kv_heads;
+  const int kvh = bh - b * n_kv_heads;
+  const int t_begin = split * span;
+  const int t_end = t_begin + span < T ? t_begin + span : T;
+  const int64_t tok0 = (int64_t)bh * cap;
+
+  // The query, scaled and rotated into the keys' basis (as in ATTENTION's PREP_Q).
+  {
+    const float scale = tq_as_float(SCALE_BITS);
+    for (int i = tq_tid; i < D * R; i += NT) {
+      const int r = i / D;
+      q_sh[(i - r * D) * R + r] = static_cast<float>(q[(int64_t)bh * R * D + i]) * scale;
+    }
+    constexpr int EPT = (D + NT - 1) / NT;
+    float qr[EPT * R];
+    TQ_UNROLL for (int i = 0; i < EPT * R; ++i) {
+      qr[i] = 0.0f;
+    }
+    TQ_BARRIER();
+    TQ_UNROLL8 for (int j = 0; j < D; ++j) {
+      TQ_UNROLL for (int k = 0; k < EPT; ++k) {
+        const int e = tq_tid + k * NT;
+        const float m = e < D ? rot[j * D + e] : 0.0f;
+        TQ_UNROLL for (int r = 0; r < R; ++r) {
+          qr[k * R + r] += q_sh[j * R + r] * m;
+        }
+      }
+    }
+    TQ_BARRIER();
+    TQ_UNROLL for (int k = 0; k < EPT; ++k) {
+      const int e = tq_tid + k * NT;
+      if (e < D) {
+        TQ_UNROLL for (int r = 0; r < R; ++r) {
+          q_sh[e * R + r] = qr[k * R + r];
+        }
+      }
+    }
+  }
+  for (int i = tq_tid; i < KTAB * 32; i += NT) {
+    const int e = i >> 5;
+    ktab[i] = tq_pack_half2(kcent[e & ((1 << KBITS) - 1)], kcent[e >> KBITS]);
+  }
+  for (int i = tq_tid; i < VTAB * 32; i += NT) {
+    const int e = i >> 5;
+    vtab[i] = tq_pack_half2(vcent[e & ((1 << VBITS) - 1)], vcent[e >> VBITS]);
+  }
+  TQ_BARRIER();
+
+  // A fragments of the query: rows g and g + 8 (always padding: R <= 8) of each k-chunk.
+  // Row g goes in as q / max|q| (fp16 cannot hold every query); scores get max|q| back.
+  float q_max = 0.0f;
+  if (g < R) {
+    for (int d = c; d < D; d += 4) {
+      q_max = tq_max(q_max, q_sh[d * R + g] < 0.0f ? -q_sh[d * R + g] : q_sh[d * R + g]);
+    }
+  }
+  q_max = tq_max(q_max, tq_shfl_xor(q_max, 1));
+  q_max = tq_max(q_max, tq_shfl_xor(q_max, 2));
+  const float q_inv = q_max > 0.0f ? 1.0f / q_max : 0.0f;
+  uint32_t qa[KC][2];
+  TQ_UNROLL for (int kk = 0; kk < KC; ++kk) {
+    TQ_UNROLL for (int h = 0; h < 2; ++h) {
+      const int d = c * (D / 4) + 2 * (2 * kk + h);  // first dimension of the code pair
+      qa[kk][h] = g < R ? tq_pack_half2(q_sh[d * R + g] * q_inv, q_sh[(d + 1) * R + g] * q_inv)
+                        : 0u;
+    }
+  }
+
+  float acc[KC][4];
+  TQ_UNROLL for (int i = 0; i < KC; ++i) {
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
+      acc[i][j] = 0.0f;
+    }
+  }
+  float m_run = -TQ_INF;  // row g, replicated over the 4 lanes of the group
+  float l_run = 0.0f;     // this lane's share of row g's sum
+
+  const int kw0 = (c * KSPAN) >> 5, ksh = (c * KSPAN) & 31;
+  const int vw0 = (g * VSPAN) >> 5, vsh = (g * VSPAN) & 31;
+  const int r_mask = g < R ? g : 0;  // a valid row for mask reads of padding rows
+  const int mb = MB ? b : 0;
+  const int mh = MH ? kvh * NREP + r_mask / L : 0;
+  const int ml = ML ? r_mask % L : 0;
+  const int mh_n = MH ? n_kv_heads * NREP : 1;
+  const int ml_n = ML ? L : 1;
+
+  // Codes of one step: keys of tokens t0 + g and t0 + 8 + g; values and norms of tokens
+  // t0 + {2c, 2c + 1, 2c + 8, 2c + 9}. The next step's are loaded before this one is
+  // computed, so their memory latency overlaps the arithmetic.
+  uint32_t kw[2][NWK], kw_n[2][NWK];
+  uint32_t vw[4][NWV], vw_n[4][NWV];
+  float kn[4], kn_n[4], vn[4], vn_n[4];
+  // Whole-window vector loads where the windows are aligned (4-bit keys at D = 128: one
+  // 16-byte load per key) and the buffers' base addresses allow it.
+  constexpr bool VEC_K = (NWK == 2 || NWK == 4) && KSPAN % 32 == 0 && WK % NWK == 0;
+  constexpr bool VEC_V = (NWV == 2 || NWV == 4) && VSPAN % 32 == 0 && WV % NWV == 0;
+  const bool vec_k = VEC_K && tq_aligned(keys, 4 * NWK);
+  const bool vec_v = VEC_V && tq_aligned(values, 4 * NWV);
+  auto load = [&](int t0, uint32_t (&kx)[2][NWK], uint32_t (&vx)[4][NWV], float (&knx)[4],
+                  float (&vnx)[4]) {
+    TQ_UNROLL for (int h = 0; h < 2; ++h) {
+      const int t = t0 + 8 * h + g;
+      const int64_t at = (tok0 + t) * WK + kw0;
+      if (vec_k) {
+        tq_load_words<NWK>(keys + at, t < t_end, kx[h]);
+      } else {
+        TQ_UNROLL for (int i = 0; i < NWK; ++i) {
+          kx[h][i] = t < t_end && kw0 + i < WK ? keys[at + i] : 0u;
+        }
+      }
+    }
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
+      const int t = t0 + 2 * c + (j & 1) + 8 * (j >> 1);
+      const int64_t at = (tok0 + t) * WV + vw0;
+      if (vec_v) {
+        tq_load_words<NWV>(values + at, t < t_end, vx[j]);
+      } else {
+        TQ_UNROLL for (int i = 0; i < NWV; ++i) {
+          vx[j][i] = t < t_end && vw0 + i < WV ? values[at + i] : 0u;
+        }
+      }
+      vnx[j] = t < t_end ? TQ_HALF_TO_FLOAT(value_norms[tok0 + t]) : 0.0f;
+      knx[j] = t < t_end ? TQ_HALF_TO_FLOAT(key_norms[tok0 + t]) : 0.0f;
+    }
+  };
+  if (PREFETCH) {
+    load(t_begin + 16 * warp, kw, vw, kn, vn);
+  }
+
+  for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARPS) {
+    if (PREFETCH) {
+      load(t0 + 16 * NWARPS, kw_n, vw_n, kn_n, vn_n);  // guarded: zeros past the span
+    } else {
+      load(t0, kw, vw, kn, vn);
+    }
+    // Scores: two 8-token halves, each KC mma over the dimensions.
+    float s[2][4];
+    TQ_UNROLL for (int h = 0; h < 2; ++h) {
+      uint32_t a[NWK > AWK ? NWK : AWK];
+      TQ_UNROLL for (int i = 0; i < AWK; ++i) {
+        a[i] = NWK > AWK ? tq_funnel(kw[h][i], kw[h][(i + 1) % NWK], ksh) : kw[h][i];
+      }
+      TQ_UNROLL for (int j = 0; j < 4; ++j) {
+        s[h][j] = 0.0f;
+      }
+      TQ_UNROLL for (int kk = 0; kk < KC; ++kk) {
+        uint32_t bfrag[2];
+        TQ_UNROLL for (int hh = 0; hh < 2; ++hh) {
+          const int bit = (2 * kk + hh) * 2 * KBITS;  // code pair within this thread's span
+          uint32_t e = a[bit >> 5] >> (bit & 31);
+          if ((bit & 31) + 2 * KBITS > 32) {
+            e |= a[((bit >> 5) + 1) % AWK] << (32 - (bit & 31));
+          }
+          bfrag[hh] = kt_lane[(e & (KTAB - 1)) << 5];
+        }
+        tq_mma_16816(s[h], qa[kk][0], 0u, qa[kk][1], 0u, bfrag[0], bfrag[1]);
+      }
+    }
+
+    // Online softmax of row g over these 16 tokens (s[h][0..1]: tokens 8h + 2c + {0, 1}).
+    float mx = -TQ_INF;
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
+      const int h = j >> 1;
+      const int t = t0 + 8 * h + 2 * c + (j & 1);
+      float v = s[h][j & 1] * (kn[j] * q_max);
+      if (MASK_MODE == 1 && t > T - L + r_mask % L) {
+        v = NEG;
+      }
+      if (MASK_MODE == 2 && t < t_end) {
+        v += mask[(((int64_t)mb * mh_n + mh) * ml_n + ml) * T + t];
+      }
+      v = t < t_end ? v : -TQ_INF;
+      s[h][j & 1] = v;
+      mx = tq_max(mx, v);
+    }
+    mx = tq_max(mx, tq_shfl_xor(mx, 1));
+    mx = tq_max(mx, tq_shfl_xor(mx, 2));
+    const float m_new = tq_max(m_run, mx);
+    const float m_use = m_new == -TQ_INF ? 0.0f : m_new;
+    const float alpha = tq_exp(m_run - m_use);
+    m_run = m_new;
+    float p[4];
+    float psum = 0.0f;
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
+      const float e = tq_exp(s[j >> 1][j & 1] - m_use);
+      psum += e;
+      p[j] = e * vn[j];
+    }
+    l_run = l_run * alpha + psum;
+    // The value accumulators hold rows 2c and 2c + 1: their rescale factors live in the
+    // groups of those rows.
+    const float a0 = tq_shfl(alpha, 8 * c);
+    const float a1 = tq_shfl(alpha, 8 * c + 4);
+    const uint32_t pb0 = g < R ? tq_pack_half2(p[0], p[1]) : 0u;
+    const uint32_t pb1 = g < R ? tq_pack_half2(p[2], p[3]) : 0u;
+
+    // Values: m-tile mt covers the stored dimensions g * D / 8 + 2 mt + {0, 1}.
+    uint32_t av[4][NWV > AWV ? NWV : AWV];
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
+      TQ_UNROLL for (int i = 0; i < AWV; ++i) {
+        av[j][i] = NWV > AWV ? tq_funnel(vw[j][i], vw[j][(i + 1) % NWV], vsh) : vw[j][i];
+      }
+    }
+    // With 2 or 4 bits, interleave the codes of two tokens first: field k of il[p][0]
+    // holds dimension 2k of tokens (A, B) of pair p as A | B << VBITS, il[p][1] dimension
+    // 2k + 1, so each table index then costs one shift and mask.
+    constexpr bool INTERLEAVE = VBITS == 2 || VBITS == 4;
+    constexpr uint32_t IM = VBITS == 4 ? 0x0F0F0F0Fu : 0x33333333u;
+    uint32_t il[2][2][AWV];
+    TQ_UNROLL for (int pp = 0; pp < 2; ++pp) {
+      TQ_UNROLL for (int i = 0; i < AWV; ++i) {
+        const uint32_t x = av[2 * pp][i], y = av[2 * pp + 1][i];
+        il[pp][0][i] = INTERLEAVE ? (x & IM) | ((y & IM) << VBITS) : 0u;
+        il[pp][1][i] = INTERLEAVE ? ((x >> VBITS) & IM) | (y & (IM << VBITS)) : 0u;
+      }
+    }
+    TQ_UNROLL for (int mt = 0; mt < KC; ++mt) {
+      acc[mt][0] *= a0;
+      acc[mt][1] *= a1;
+      acc[mt][2] *= a0;
+      acc[mt][3] *= a1;
+      uint32_t afrag[4];
+      TQ_UNROLL for (int f = 0; f < 4; ++f) {
+        // f: (dim 2mt + (f & 1), tokens of pair f >> 1): a0 (dim, 2c..), a1 (dim + 1, 2c..),
+        // a2 (dim, 2c + 8..), a3 (dim + 1, 2c + 8..)
+        uint32_t e;
+        if (INTERLEAVE) {
+          const int bit = 2 * mt * VBITS;
+          e = il[f >> 1][f & 1][(bit >> 5) % AWV] >> (bit & 31);
+        } else {
+          const int bit = (2 * mt + (f & 1)) * VBITS;
+          const int j = 2 * (f >> 1);
+          uint32_t lo = av[j][bit >> 5] >> (bit & 31);
+          uint32_t hi = av[j + 1][bit >> 5] >> (bit & 31);
+          if ((bit & 31) + VBITS > 32) {
+            lo |= av[j][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
+            hi |= av[j + 1][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
+          }
+          e = (lo & ((1u << VBITS) - 1)) | ((hi & ((1u << VBITS) - 1)) << VBITS);
+        }
+        afrag[f] = vt_lane[(e & ((1u << (2 * VBITS)) - 1)) << 5];
+      }
+      tq_mma_16816(acc[mt], afrag[0], afrag[1], afrag[2], afrag[3], pb0, pb1);
+    }
+    TQ_UNROLL for (int h = 0; h < 2 * PREFETCH; ++h) {
+      TQ_UNROLL for (int i = 0; i < NWK; ++i) {
+        kw[h][i] = kw_n[h][i];
+      }
+    }
+    TQ_UNROLL for (int j = 0; j < 4 * PREFETCH; ++j) {
+      TQ_UNROLL for (int i = 0; i < NWV; ++i) {
+        vw[j][i] = vw_n[j][i];
+      }
+      kn[j] = kn_n[j];
+      vn[j] = vn_n[j];
+    }
+  }
+
+  // Merge the warps: [warp][R][D] outputs, then [warp][R] maxima and sums.
+  l_run += tq_shfl_xor(l_run, 1);
+  l_run += tq_shfl_xor(l_run, 2);
+  TQ_BARRIER();  // every warp is done with the tables
+  TQ_SHARED_PTR(float) o_sh = (TQ_SHARED_PTR(float))big_sh;
+  TQ_SHARED_PTR(float) m_sh = o_sh + NWARPS * R * D;
+  TQ_SHARED_PTR(float) l_sh = m_sh + NWARPS * R;
+  TQ_UNROLL for (int mt = 0; mt < KC; ++mt) {
+    TQ_UNROLL for (int f = 0; f < 4; ++f) {
+      const int r = 2 * c + (f & 1);
+      const int d = g * (D / 8) + 2 * mt + (f >> 1);
+      if (r < R) {
+        o_sh[(warp * R + r) * D + d] = acc[mt][f];
+      }
+    }
+  }
+  if (c == 0 && g < R) {
+    m_sh[warp * R + g] = m_run;
+    l_sh[warp * R + g] = l_run;
+  }
+  TQ_BARRIER();
+  const int64_t part = (int64_t)bh * n_splits + split;
+  for (int i = tq_tid; i < R * D; i += NT) {
+    const int r = i / D;
+    float m = -TQ_INF;
+    TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+      m = tq_max(m, m_sh[w * R + r]);
+    }
+    const float m_use = m == -TQ_INF ? 0.0f : m;
+    float o = 0.0f;
+    float l = 0.0f;
+    TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+      const float wt = tq_exp(m_sh[w * R + r] - m_use);
+      o += wt * o_sh[w * R * D + i];
+      l += wt * l_sh[w * R + r];
+    }
+    o_part[part * R * D + i] = o;
+    if (i - r * D == 0) {
+      ml_part[(part * R + r) * 2] = m;
+      ml_part[(part * R + r) * 2 + 1] = l;
+    }
+  }
+"""
+
 # Decode attention, pass 2: merge the spans of one row (and the sink), normalize, and
 # rotate back from the value codec's basis. One block per (batch * KV head, row), one
 # thread per output coordinate. rot_t is the value rotation's matrix_t [D, D]; the output is
@@ -487,6 +846,11 @@ ENCODE_OUTPUTS = ("pk", "nk", "pv", "nv")
 
 OPS = {
     "attention": (ATTENTION, ATTENTION_INPUTS, ATTENTION_OUTPUTS),
+    "attention_tc": (ATTENTION_TC, ATTENTION_INPUTS, ATTENTION_OUTPUTS),
     "reduce": (REDUCE, REDUCE_INPUTS, REDUCE_OUTPUTS),
     "encode": (ENCODE, ENCODE_INPUTS, ENCODE_OUTPUTS),
 }
+
+# Ops that use CUDA-only instructions (tensor-core mma): other backends return no kernel
+# for them, and their callers take the portable op instead.
+CUDA_ONLY = frozenset({"attention_tc"})

@@ -100,6 +100,66 @@ inline float tq_warp_max(float v) {
   return tq_emu_warp_reduce(v, [](float a, float b) { return std::fmax(a, b); });
 }
 
+// Lane exchange within a warp: every lane publishes, then reads another's value.
+static float tq_emu_xf[1024];
+inline float tq_shfl(float v, int src) {
+  const int warp = tq_emu_tid / 32;
+  tq_emu_xf[tq_emu_tid] = v;
+  tq_emu_warp_barriers[warp]->arrive_and_wait();
+  const float r = tq_emu_xf[warp * 32 + (src & 31)];
+  tq_emu_warp_barriers[warp]->arrive_and_wait();
+  return r;
+}
+inline float tq_shfl_xor(float v, int m) { return tq_shfl(v, (tq_emu_tid & 31) ^ m); }
+inline uint32_t tq_funnel(uint32_t lo, uint32_t hi, int shift) {
+  return (uint32_t)(((((uint64_t)hi) << 32) | lo) >> (shift & 31));
+}
+inline bool tq_aligned(const void* p, int bytes) {
+  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+template <int N>
+inline void tq_load_words(const uint32_t* p, bool ok, uint32_t* out) {
+  for (int i = 0; i < N; ++i) out[i] = ok ? p[i] : 0u;
+}
+inline uint32_t tq_pack_half2(float lo, float hi) {
+  return (uint32_t)tq_emu_f2h(lo).bits | ((uint32_t)tq_emu_f2h(hi).bits << 16);
+}
+inline float tq_emu_half(uint32_t word, int i) {
+  return tq_emu_h2f(tq_half{(uint16_t)(word >> (16 * i))});
+}
+// mma.sync m16n8k16 (fp16 x fp16 + fp32) with the PTX ISA's fragment layout: lane =
+// 4 * group + t; A rows group / group + 8, columns 2t + {0, 1} (+ 8); B columns (n) group,
+// rows (k) 2t + {0, 1} (+ 8); C / D rows group / group + 8, columns 2t + {0, 1}.
+static uint32_t tq_emu_ma[1024][4], tq_emu_mb[1024][2];
+inline void tq_mma_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                         uint32_t b0, uint32_t b1) {
+  const int warp = tq_emu_tid / 32, base = warp * 32, lane = tq_emu_tid & 31;
+  const uint32_t a[4] = {a0, a1, a2, a3};
+  for (int i = 0; i < 4; ++i) tq_emu_ma[tq_emu_tid][i] = a[i];
+  tq_emu_mb[tq_emu_tid][0] = b0;
+  tq_emu_mb[tq_emu_tid][1] = b1;
+  tq_emu_warp_barriers[warp]->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int gr = l / 4, t = l % 4;
+    for (int i = 0; i < 8; ++i) {  // half i of A's four registers
+      const int row = gr + 8 * ((i / 2) % 2), col = 2 * t + (i % 2) + 8 * (i / 4);
+      A[row][col] = tq_emu_half(tq_emu_ma[base + l][i / 2], i % 2);
+    }
+    for (int i = 0; i < 4; ++i) {
+      B[2 * t + (i % 2) + 8 * (i / 2)][gr] = tq_emu_half(tq_emu_mb[base + l][i / 2], i % 2);
+    }
+  }
+  tq_emu_warp_barriers[warp]->arrive_and_wait();
+  const int gr = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = gr + 8 * (i / 2), col = 2 * t + (i % 2);
+    float s = d[i];
+    for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+    d[i] = s;
+  }
+}
+
 template <typename F>
 void tq_emu_launch(int gx, int gy, int nt, F body) {
   for (int by = 0; by < gy; ++by) {

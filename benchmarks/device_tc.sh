@@ -1,0 +1,27 @@
+#!/bin/bash
+# Tensor-core attention on the lent GPU, one step per call (see docs/kernels.md):
+#   bash benchmarks/device_tc.sh smoke|parity|e2e ; results land in $OUT.
+set -o pipefail
+export PYTHONPATH=/root/mlx-site:$PWD PYTHONUNBUFFERED=1
+case "${1:-smoke}" in
+  smoke)
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
+    python3 -c "import mlx.core as mx; print(mx.device_info())" | tee -a $OUT/gpu.txt
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py \
+      -k "tensor_cores_take or large_queries or (test_attention_parity and turbo4 and 128)" \
+      2>&1 | tee $OUT/smoke.log | tail -5
+    timeout 260 python3 benchmarks/bench_kernels.py --out $OUT --skip-e2e \
+      --contexts 1024 4096 16384 32768 65536 131072 \
+      --schemes turbo4 turbo4:noprefetch turbo4:portable turbo3 turbo3:noprefetch turbo2 turbo4v2 turbo0v4 2>&1 | tee $OUT/bench.log
+    timeout 120 /usr/local/cuda/bin/ncu --set full -k regex:turboquant_attention --launch-skip 1 -c 1 \
+      python3 benchmarks/profile_attention.py --context 131072 > $OUT/ncu_tc.txt 2>&1
+    grep -E "Duration|Issued Instructions  |Registers Per|Achieved Occupancy|DRAM Throughput|Memory Throughput" \
+      $OUT/ncu_tc.txt | head -12 ;;
+  parity)
+    timeout ${PARITY_S:-420} python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_kernels_gpu.py \
+      2>&1 | tee $OUT/parity.log | tail -15 ;;
+  e2e)
+    timeout ${E2E_S:-500} python3 benchmarks/bench_kernels.py --out $OUT --skip-kernels \
+      --e2e-contexts ${E2E_CONTEXTS:-4096 16384 32768 65536} --decode-steps 32 \
+      --e2e-schemes ${E2E_SCHEMES:-turbo4 turbo4:portable turbo3 turbo2} 2>&1 | tee $OUT/e2e.log ;;
+esac
