@@ -28,7 +28,6 @@ import mlx.nn as nn
 import mlx_lm_turboquant
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.config import parse_scheme
-from mlx_lm_turboquant.kernels import launch
 from mlx_lm_turboquant.kernels.launch import TENSOR_CORES_ENV
 
 H_Q, H_KV, D = 32, 8, 128
@@ -140,25 +139,19 @@ def kernel_bench(contexts, schemes, baselines=True):
 
 @contextlib.contextmanager
 def _kernel_variant(name):
-    """``scheme:portable`` measures the portable kernel where CUDA's tensor-core one would
-    run; ``scheme:noprefetch`` the tensor-core kernel without its early loads."""
+    """``scheme:portable`` measures the portable kernel where CUDA's tensor-core one would run."""
     variant = name.split(":")[1] if ":" in name else ""
-    if variant not in ("", "portable", "noprefetch"):
-        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; "
-                         "allowed: portable, noprefetch")  # fmt: skip
-    old_env, old_prefetch = os.environ.get(TENSOR_CORES_ENV), launch.TC_PREFETCH
-    if variant == "portable":
+    if variant not in ("", "portable"):
+        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; allowed: portable")
+    old = os.environ.get(TENSOR_CORES_ENV)
+    if variant:
         os.environ[TENSOR_CORES_ENV] = "0"
-    launch.TC_PREFETCH = variant != "noprefetch"
-    launch._launch.cache_clear()
     try:
         yield
     finally:
         os.environ.pop(TENSOR_CORES_ENV, None)
-        if old_env is not None:
-            os.environ[TENSOR_CORES_ENV] = old_env
-        launch.TC_PREFETCH = old_prefetch
-        launch._launch.cache_clear()
+        if old is not None:
+            os.environ[TENSOR_CORES_ENV] = old
 
 
 def _kernel_line(row, schemes):
@@ -340,6 +333,8 @@ def main():
         result["kernels"] = kernel_bench(args.contexts, args.schemes)
         (out / "bench.json").write_text(json.dumps(result, indent=1))
     if args.sweep_blocks:
+        from mlx_lm_turboquant.kernels import launch
+
         default, result["block_sweep"] = launch.TARGET_BLOCKS, {}
         for n in args.sweep_blocks:
             launch.TARGET_BLOCKS = n

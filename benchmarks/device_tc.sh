@@ -12,7 +12,7 @@ case "${1:-smoke}" in
       2>&1 | tee $OUT/smoke.log | tail -5
     timeout 260 python3 benchmarks/bench_kernels.py --out $OUT --skip-e2e \
       --contexts 1024 4096 16384 32768 65536 131072 \
-      --schemes turbo4 turbo4:noprefetch turbo4:portable turbo3 turbo3:noprefetch turbo2 turbo4v2 turbo0v4 2>&1 | tee $OUT/bench.log
+      --schemes turbo4 turbo4:portable turbo3 turbo2 turbo4v2 turbo0v4 2>&1 | tee $OUT/bench.log
     timeout 120 /usr/local/cuda/bin/ncu --set full -k regex:turboquant_attention --launch-skip 1 -c 1 \
       python3 benchmarks/profile_attention.py --context 131072 > $OUT/ncu_tc.txt 2>&1
     grep -E "Duration|Issued Instructions  |Registers Per|Achieved Occupancy|DRAM Throughput|Memory Throughput" \

@@ -183,24 +183,21 @@ def test_emulated_attention_parity(monkeypatch, scheme, D, n_rep, L, mask, sinks
 
 @needs_gxx
 @pytest.mark.parametrize(
-    "scheme, D, n_rep, L, mask, sinks, prefetch",
+    "scheme, D, n_rep, L, mask, sinks",
     [
-        ("turbo4", 128, 4, 1, None, False, True),
-        ("turbo4", 128, 4, 1, None, False, False),
-        ("turbo3", 128, 2, 4, "causal", True, True),  # value codes straddle words (48 bits)
-        ("turbo2v4", 64, 8, 1, "additive", False, True),  # separate key / value tables
-        ("turbo3v2", 64, 1, 4, "bool", True, False),  # key codes straddle words
-        ("turbo4v3", 128, 4, 2, "causal", False, True),  # 8 rows: every row of the tile in use
+        ("turbo4", 128, 4, 1, None, False),
+        ("turbo3", 128, 2, 4, "causal", True),  # value codes straddle words (48 bits each)
+        ("turbo2v4", 64, 8, 1, "additive", False),  # separate key / value tables
+        ("turbo3v2", 64, 1, 4, "bool", True),  # key codes straddle words
+        ("turbo4v3", 128, 4, 2, "causal", False),  # 8 rows: every row of the tile in use
     ],
 )
-def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, sinks, prefetch):
+def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, sinks):
     """The tensor-core kernel (mma emulated with the PTX ISA's fragment layout) against the
     float32 attention, its pure-MLX twin and the portable kernel."""
     import kernel_emulator as emu
 
     monkeypatch.setattr(launch, "TARGET_BLOCKS", 4)  # long spans: each warp takes many steps
-    monkeypatch.setattr(launch, "TC_PREFETCH", prefetch)
-    launch._launch.cache_clear()
     n_kv = 2
     cache, keys, values = _cache(scheme, D, n_kv, seed=D + 3 * L, dtype=mx.bfloat16)
     op, _ = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,

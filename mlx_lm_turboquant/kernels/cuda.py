@@ -54,20 +54,6 @@ __device__ __forceinline__ uint32_t tq_pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);  // lo in the low 16 bits
   return *reinterpret_cast<const uint32_t*>(&h);
 }
-__device__ __forceinline__ bool tq_aligned(const void* p, int bytes) {
-  return (reinterpret_cast<size_t>(p) & (size_t)(bytes - 1)) == 0;
-}
-// N (2 or 4) words from an address aligned to 4 * N bytes, or zeros where !ok.
-template <int N>
-__device__ __forceinline__ void tq_load_words(const uint32_t* p, bool ok, uint32_t* out) {
-  if (N == 4) {
-    const uint4 v = ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
-    out[0] = v.x, out[1] = v.y, out[2 % N] = v.z, out[3 % N] = v.w;
-  } else {
-    const uint2 v = ok ? *reinterpret_cast<const uint2*>(p) : make_uint2(0u, 0u);
-    out[0] = v.x, out[1 % N] = v.y;
-  }
-}
 // d += A B for one warp: A 16x16 fp16 (row major, 4 registers), B 16x8 fp16 (2 registers),
 // d 16x8 fp32 (4 registers), in the fragment layout of the PTX ISA for m16n8k16.
 __device__ __forceinline__ void tq_mma_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2,

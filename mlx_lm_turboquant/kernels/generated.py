@@ -146,8 +146,8 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
     return [attn, red]
 
 
-def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, prefetch=True):
-    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared, prefetch)
+def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask):
+    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared)
     if plan is None:
         return []
     R = plan.R
@@ -200,7 +200,6 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
                                           (64, 8, 1, 2, 4, "array"), (128, 4, 2, 4, 3, None),
                                           (64, 2, 4, 3, 2, "causal")):  # fmt: skip
             out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask)
-        out += _tensor_core_config(128, 4, 1, 4, 4, shared, None, prefetch=False)
     assert backend == "cuda" or not any(c.op in CUDA_ONLY for c in out)
     seen, unique = set(), []
     for c in out:

@@ -108,7 +108,6 @@ def attention_plan(
 
 
 TC_THREADS = 128
-TC_PREFETCH = True  # the tensor-core kernel loads the next step's codes early (H100 run 13)
 TC_TILE = 16 * TC_THREADS // 32  # tokens per step of the block: 16 per warp
 
 
@@ -126,7 +125,6 @@ class TensorCorePlan:
     WK: int
     WV: int
     SAME_TABLE: bool
-    PREFETCH: bool
     TILE = TC_TILE
     Q_SH = True
 
@@ -142,8 +140,7 @@ class TensorCorePlan:
 
 
 @lru_cache(maxsize=None)
-def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes,
-                     prefetch=True):  # fmt: skip
+def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes):
     """The tensor-core kernel's configuration, or None where it does not apply (the portable
     kernel then runs): head dims 64 or 128, up to 8 query rows per KV head, 2- to 4-bit
     codes for keys and values (8-bit and float keys need more precision than fp16 inputs to
@@ -159,7 +156,7 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
     if 4 * (max(32 * tables, merge) + D * R) > shared_bytes:
         return None
     return TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
-                          D * key_bits // 32, D * value_bits // 32, same, prefetch)  # fmt: skip
+                          D * key_bits // 32, D * value_bits // 32, same)  # fmt: skip
 
 
 def split_tokens(T: int, n_blocks: int, tile: int):
@@ -241,7 +238,7 @@ def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, 
     if tensor_cores and key_codec is not None and kernel("attention_tc") is not None:
         same = key_codec.codebook is value_codec.codebook
         plan = tensor_core_plan(D, n_rep, L, key_codec.bits, value_codec.bits, same,
-                                shared_bytes, TC_PREFETCH)  # fmt: skip
+                                shared_bytes)  # fmt: skip
         if plan is not None:
             return "attention_tc", plan
     if kernel("attention") is None:

@@ -373,8 +373,7 @@ ATTENTION = r"""
 #   two adjacent codes of one token, values the same dimension of two tokens. Keys and
 #   values share one table when they have the same codebook (SAME_TABLE).
 # Templates: D (64 or 128), R (<= 8 rows), L, NREP, KBITS / VBITS (2..4), WK / WV, SAME_TABLE,
-# PREFETCH (load the next step's codes before computing this one), SCALE_BITS, QT, MASK_MODE,
-# MB, MH, ML, NT (128).
+# SCALE_BITS, QT, MASK_MODE, MB, MH, ML, NT (128).
 ATTENTION_TC = r"""
   constexpr int NWARPS = NT / 32;
   constexpr int KC = D / 16;                 // k-chunks of the scores = m-tiles of the values
@@ -394,8 +393,6 @@ ATTENTION_TC = r"""
   TQ_SHARED float q_sh[D * R];     // [D][R]
   TQ_SHARED_PTR(uint32_t) ktab = big_sh;
   TQ_SHARED_PTR(uint32_t) vtab = big_sh + (SAME_TABLE ? 0 : KTAB * 32);
-  TQ_SHARED_PTR(uint32_t) kt_lane = ktab + (tq_tid & 31);  // this lane's copy of each entry
-  TQ_SHARED_PTR(uint32_t) vt_lane = vtab + (tq_tid & 31);
 
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
@@ -500,49 +497,29 @@ ATTENTION_TC = r"""
   uint32_t kw[2][NWK], kw_n[2][NWK];
   uint32_t vw[4][NWV], vw_n[4][NWV];
   float kn[4], kn_n[4], vn[4], vn_n[4];
-  // Whole-window vector loads where the windows are aligned (4-bit keys at D = 128: one
-  // 16-byte load per key) and the buffers' base addresses allow it.
-  constexpr bool VEC_K = (NWK == 2 || NWK == 4) && KSPAN % 32 == 0 && WK % NWK == 0;
-  constexpr bool VEC_V = (NWV == 2 || NWV == 4) && VSPAN % 32 == 0 && WV % NWV == 0;
-  const bool vec_k = VEC_K && tq_aligned(keys, 4 * NWK);
-  const bool vec_v = VEC_V && tq_aligned(values, 4 * NWV);
   auto load = [&](int t0, uint32_t (&kx)[2][NWK], uint32_t (&vx)[4][NWV], float (&knx)[4],
                   float (&vnx)[4]) {
     TQ_UNROLL for (int h = 0; h < 2; ++h) {
       const int t = t0 + 8 * h + g;
-      const int64_t at = (tok0 + t) * WK + kw0;
-      if (vec_k) {
-        tq_load_words<NWK>(keys + at, t < t_end, kx[h]);
-      } else {
-        TQ_UNROLL for (int i = 0; i < NWK; ++i) {
-          kx[h][i] = t < t_end && kw0 + i < WK ? keys[at + i] : 0u;
-        }
+      TQ_UNROLL for (int i = 0; i < NWK; ++i) {
+        const bool ok = t < t_end && kw0 + i < WK;
+        kx[h][i] = ok ? keys[(tok0 + t) * WK + kw0 + i] : 0u;
       }
     }
     TQ_UNROLL for (int j = 0; j < 4; ++j) {
       const int t = t0 + 2 * c + (j & 1) + 8 * (j >> 1);
-      const int64_t at = (tok0 + t) * WV + vw0;
-      if (vec_v) {
-        tq_load_words<NWV>(values + at, t < t_end, vx[j]);
-      } else {
-        TQ_UNROLL for (int i = 0; i < NWV; ++i) {
-          vx[j][i] = t < t_end && vw0 + i < WV ? values[at + i] : 0u;
-        }
+      TQ_UNROLL for (int i = 0; i < NWV; ++i) {
+        const bool ok = t < t_end && vw0 + i < WV;
+        vx[j][i] = ok ? values[(tok0 + t) * WV + vw0 + i] : 0u;
       }
       vnx[j] = t < t_end ? TQ_HALF_TO_FLOAT(value_norms[tok0 + t]) : 0.0f;
       knx[j] = t < t_end ? TQ_HALF_TO_FLOAT(key_norms[tok0 + t]) : 0.0f;
     }
   };
-  if (PREFETCH) {
-    load(t_begin + 16 * warp, kw, vw, kn, vn);
-  }
+  load(t_begin + 16 * warp, kw, vw, kn, vn);
 
   for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARPS) {
-    if (PREFETCH) {
-      load(t0 + 16 * NWARPS, kw_n, vw_n, kn_n, vn_n);  // guarded: zeros past the span
-    } else {
-      load(t0, kw, vw, kn, vn);
-    }
+    load(t0 + 16 * NWARPS, kw_n, vw_n, kn_n, vn_n);  // guarded: zeros past the span
     // Scores: two 8-token halves, each KC mma over the dimensions.
     float s[2][4];
     TQ_UNROLL for (int h = 0; h < 2; ++h) {
@@ -561,7 +538,7 @@ ATTENTION_TC = r"""
           if ((bit & 31) + 2 * KBITS > 32) {
             e |= a[((bit >> 5) + 1) % AWK] << (32 - (bit & 31));
           }
-          bfrag[hh] = kt_lane[(e & (KTAB - 1)) << 5];
+          bfrag[hh] = ktab[(e & (KTAB - 1)) * 32 + lane];
         }
         tq_mma_16816(s[h], qa[kk][0], 0u, qa[kk][1], 0u, bfrag[0], bfrag[1]);
       }
@@ -611,19 +588,6 @@ ATTENTION_TC = r"""
         av[j][i] = NWV > AWV ? tq_funnel(vw[j][i], vw[j][(i + 1) % NWV], vsh) : vw[j][i];
       }
     }
-    // With 2 or 4 bits, interleave the codes of two tokens first: field k of il[p][0]
-    // holds dimension 2k of tokens (A, B) of pair p as A | B << VBITS, il[p][1] dimension
-    // 2k + 1, so each table index then costs one shift and mask.
-    constexpr bool INTERLEAVE = VBITS == 2 || VBITS == 4;
-    constexpr uint32_t IM = VBITS == 4 ? 0x0F0F0F0Fu : 0x33333333u;
-    uint32_t il[2][2][AWV];
-    TQ_UNROLL for (int pp = 0; pp < 2; ++pp) {
-      TQ_UNROLL for (int i = 0; i < AWV; ++i) {
-        const uint32_t x = av[2 * pp][i], y = av[2 * pp + 1][i];
-        il[pp][0][i] = INTERLEAVE ? (x & IM) | ((y & IM) << VBITS) : 0u;
-        il[pp][1][i] = INTERLEAVE ? ((x >> VBITS) & IM) | (y & (IM << VBITS)) : 0u;
-      }
-    }
     TQ_UNROLL for (int mt = 0; mt < KC; ++mt) {
       acc[mt][0] *= a0;
       acc[mt][1] *= a1;
@@ -633,31 +597,25 @@ ATTENTION_TC = r"""
       TQ_UNROLL for (int f = 0; f < 4; ++f) {
         // f: (dim 2mt + (f & 1), tokens of pair f >> 1): a0 (dim, 2c..), a1 (dim + 1, 2c..),
         // a2 (dim, 2c + 8..), a3 (dim + 1, 2c + 8..)
-        uint32_t e;
-        if (INTERLEAVE) {
-          const int bit = 2 * mt * VBITS;
-          e = il[f >> 1][f & 1][(bit >> 5) % AWV] >> (bit & 31);
-        } else {
-          const int bit = (2 * mt + (f & 1)) * VBITS;
-          const int j = 2 * (f >> 1);
-          uint32_t lo = av[j][bit >> 5] >> (bit & 31);
-          uint32_t hi = av[j + 1][bit >> 5] >> (bit & 31);
-          if ((bit & 31) + VBITS > 32) {
-            lo |= av[j][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
-            hi |= av[j + 1][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
-          }
-          e = (lo & ((1u << VBITS) - 1)) | ((hi & ((1u << VBITS) - 1)) << VBITS);
+        const int bit = (2 * mt + (f & 1)) * VBITS;
+        const int j = 2 * (f >> 1);
+        uint32_t lo = av[j][bit >> 5] >> (bit & 31);
+        uint32_t hi = av[j + 1][bit >> 5] >> (bit & 31);
+        if ((bit & 31) + VBITS > 32) {
+          lo |= av[j][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
+          hi |= av[j + 1][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
         }
-        afrag[f] = vt_lane[(e & ((1u << (2 * VBITS)) - 1)) << 5];
+        const uint32_t e = (lo & ((1u << VBITS) - 1)) | ((hi & ((1u << VBITS) - 1)) << VBITS);
+        afrag[f] = vtab[e * 32 + lane];
       }
       tq_mma_16816(acc[mt], afrag[0], afrag[1], afrag[2], afrag[3], pb0, pb1);
     }
-    TQ_UNROLL for (int h = 0; h < 2 * PREFETCH; ++h) {
+    TQ_UNROLL for (int h = 0; h < 2; ++h) {
       TQ_UNROLL for (int i = 0; i < NWK; ++i) {
         kw[h][i] = kw_n[h][i];
       }
     }
-    TQ_UNROLL for (int j = 0; j < 4 * PREFETCH; ++j) {
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
       TQ_UNROLL for (int i = 0; i < NWV; ++i) {
         vw[j][i] = vw_n[j][i];
       }

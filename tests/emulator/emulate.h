@@ -114,13 +114,6 @@ inline float tq_shfl_xor(float v, int m) { return tq_shfl(v, (tq_emu_tid & 31) ^
 inline uint32_t tq_funnel(uint32_t lo, uint32_t hi, int shift) {
   return (uint32_t)(((((uint64_t)hi) << 32) | lo) >> (shift & 31));
 }
-inline bool tq_aligned(const void* p, int bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-template <int N>
-inline void tq_load_words(const uint32_t* p, bool ok, uint32_t* out) {
-  for (int i = 0; i < N; ++i) out[i] = ok ? p[i] : 0u;
-}
 inline uint32_t tq_pack_half2(float lo, float hi) {
   return (uint32_t)tq_emu_f2h(lo).bits | ((uint32_t)tq_emu_f2h(hi).bits << 16);
 }
