@@ -6,6 +6,7 @@ the same operations, since one model's cache list mixes both classes.
 """
 
 import copy
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -177,10 +178,16 @@ def test_fused_cuda_kernel_on_a_padded_batch(L):
     from mlx_lm_turboquant.kernels import cuda, launch
 
     batch, caches, q, mask = _padded_step(L)
-    out = launch.decode_attention(emu.kernel, cuda.SHARED_BYTES, q, batch.attention_cache(),
-                                  D**-0.5, mask, None)  # fmt: skip
-    assert out is not None, "the kernel declined a padded batch"
-    _rows_match_alone(out, caches, q)
+    for tensor_cores in (False, True):  # the portable and the tensor-core kernel
+        run = partial(launch.decode_attention, emu.kernel, cuda.SHARED_BYTES,
+                      tensor_cores=tensor_cores)  # fmt: skip
+        out = run(q, batch.attention_cache(), D**-0.5, mask, None)
+        assert out is not None, "the kernel declined a padded batch"
+        # each row as the same kernel computes it alone (the tensor cores round to fp16)
+        for i, c in enumerate(caches):
+            alone = run(q[i : i + 1], c, D**-0.5, "causal", None)
+            np.testing.assert_allclose(np.array(out[i : i + 1]), np.array(alone), rtol=1e-5,
+                                       atol=1e-5)  # fmt: skip
 
 
 # -- the same operations on BatchKVCache and BatchTurboQuantKVCache -----------------
