@@ -30,8 +30,26 @@ def tensor_cores_enabled() -> bool:
     return value == "1"
 
 
+class _KernelPlan:
+    """Template arguments of a plan: its fields, then the per-launch ones. Subclasses are
+    frozen dataclasses (hashable by their fields, so ``template`` is memoized per plan)."""
+
+    def _extra_template(self):
+        return []
+
+    @lru_cache(maxsize=None)  # built once per configuration: decode calls this per layer
+    def template(self, q_dtype, scale, mask_mode=0, mb=False, mh=False, ml=False):
+        """Template arguments; the query dtype keeps kernel names unique per dtype (mlx's CUDA
+        backend names a kernel by its template arguments alone)."""
+        t = [(k, getattr(self, k)) for k in self.__dataclass_fields__]
+        scale_bits = int(np.array(scale, np.float32).view(np.int32))
+        return t + self._extra_template() + [
+            ("SCALE_BITS", scale_bits), ("QT", q_dtype), ("MASK_MODE", mask_mode),
+            ("MB", mb), ("MH", mh), ("ML", ml)]  # fmt: skip
+
+
 @dataclass(frozen=True)
-class AttentionPlan:
+class AttentionPlan(_KernelPlan):
     """Compile-time shape of one attention kernel instance."""
 
     D: int
@@ -49,17 +67,8 @@ class AttentionPlan:
     RW: int
     Q_SH: bool
 
-    @lru_cache(maxsize=None)  # built once per configuration: decode calls this per layer
-    def template(self, q_dtype, scale, mask_mode=0, mb=False, mh=False, ml=False):
-        """Template arguments; the query dtype keeps kernel names unique per dtype (mlx's CUDA
-        backend names a kernel by its template arguments alone)."""
-        t = [(k, getattr(self, k)) for k in self.__dataclass_fields__]
-        scale_bits = int(np.array(scale, np.float32).view(np.int32))
-        return t + [("PREP_Q", self.Q_SH), ("SCALE_BITS", scale_bits), ("QT", q_dtype),
-                    ("MASK_MODE", mask_mode), ("MB", mb), ("MH", mh), ("ML", ml)]  # fmt: skip
-
-    def __hash__(self):  # frozen dataclass hash, spelled out for lru_cache on a method
-        return hash(tuple(getattr(self, k) for k in self.__dataclass_fields__))
+    def _extra_template(self):
+        return [("PREP_Q", self.Q_SH)]
 
 
 THREADS = 128  # four warps per block
@@ -112,7 +121,7 @@ TC_TILE = 16 * TC_THREADS // 32  # tokens per step of the block: 16 per warp
 
 
 @dataclass(frozen=True)
-class TensorCorePlan:
+class TensorCorePlan(_KernelPlan):
     """Compile-time shape of one tensor-core attention kernel (``source.ATTENTION_TC``)."""
 
     D: int
@@ -127,16 +136,6 @@ class TensorCorePlan:
     SAME_TABLE: bool
     TILE = TC_TILE
     Q_SH = True
-
-    @lru_cache(maxsize=None)
-    def template(self, q_dtype, scale, mask_mode=0, mb=False, mh=False, ml=False):
-        t = [(k, getattr(self, k)) for k in self.__dataclass_fields__]
-        scale_bits = int(np.array(scale, np.float32).view(np.int32))
-        return t + [("SCALE_BITS", scale_bits), ("QT", q_dtype), ("MASK_MODE", mask_mode),
-                    ("MB", mb), ("MH", mh), ("ML", ml)]  # fmt: skip
-
-    def __hash__(self):
-        return hash(tuple(getattr(self, k) for k in self.__dataclass_fields__))
 
 
 @lru_cache(maxsize=None)

@@ -13,6 +13,46 @@ words, so with 3 bits a code may straddle two words. Every kernel requires D % 3
 which makes each group of 32 coordinates start on a word boundary.
 """
 
+# Inside a block that has the query's shared array q_sh [D][R]: load the query (scaled when
+# PREP_Q), then rotate it in place into the keys' basis (PREP_Q with code keys). Shared by
+# both attention kernels.
+_PREPARE_QUERY = r"""
+    // q is [B * H_kv, R, D]: raw queries (PREP_Q) or already scaled and rotated float32.
+    const float scale = PREP_Q ? tq_as_float(SCALE_BITS) : 1.0f;
+    for (int i = tq_tid; i < D * R; i += NT) {
+      const int r = i / D;
+      q_sh[(i - r * D) * R + r] = static_cast<float>(q[(int64_t)bh * R * D + i]) * scale;
+    }
+    if (PREP_Q && KBITS < 16) {
+      // Rotate in place: one rotation column per thread, all rows at once, so each matrix
+      // element is loaded once per block and the loads are independent (no latency chain).
+      constexpr int EPT = (D + NT - 1) / NT;
+      float qr[EPT * R];
+      TQ_UNROLL for (int i = 0; i < EPT * R; ++i) {
+        qr[i] = 0.0f;
+      }
+      TQ_BARRIER();
+      TQ_UNROLL8 for (int j = 0; j < D; ++j) {
+        TQ_UNROLL for (int k = 0; k < EPT; ++k) {
+          const int e = tq_tid + k * NT;
+          const float m = e < D ? rot[j * D + e] : 0.0f;
+          TQ_UNROLL for (int r = 0; r < R; ++r) {
+            qr[k * R + r] += q_sh[j * R + r] * m;
+          }
+        }
+      }
+      TQ_BARRIER();
+      TQ_UNROLL for (int k = 0; k < EPT; ++k) {
+        const int e = tq_tid + k * NT;
+        if (e < D) {
+          TQ_UNROLL for (int r = 0; r < R; ++r) {
+            q_sh[e * R + r] = qr[k * R + r];
+          }
+        }
+      }
+    }
+"""
+
 # Decode attention, pass 1 (flash-decoding). One block per (batch * KV head, token span):
 # the R = n_rep * L query rows of that KV head share each read of its packed keys and
 # values (GQA). Tiles of TILE tokens are staged in shared memory with coalesced loads;
@@ -77,42 +117,7 @@ ATTENTION = r"""
   const int t_end = t_begin + span < T ? t_begin + span : T;
   const int64_t tok0 = (int64_t)bh * cap;
 
-  if (Q_SH) {
-    // q is [B * H_kv, R, D]: raw queries (PREP_Q) or already scaled and rotated float32.
-    const float scale = PREP_Q ? tq_as_float(SCALE_BITS) : 1.0f;
-    for (int i = tq_tid; i < D * R; i += NT) {
-      const int r = i / D;
-      q_sh[(i - r * D) * R + r] = static_cast<float>(q[(int64_t)bh * R * D + i]) * scale;
-    }
-    if (PREP_Q && KBITS < 16) {
-      // Rotate in place: one rotation column per thread, all rows at once, so each matrix
-      // element is loaded once per block and the loads are independent (no latency chain).
-      constexpr int EPT = (D + NT - 1) / NT;
-      float qr[EPT * R];
-      TQ_UNROLL for (int i = 0; i < EPT * R; ++i) {
-        qr[i] = 0.0f;
-      }
-      TQ_BARRIER();
-      TQ_UNROLL8 for (int j = 0; j < D; ++j) {
-        TQ_UNROLL for (int k = 0; k < EPT; ++k) {
-          const int e = tq_tid + k * NT;
-          const float m = e < D ? rot[j * D + e] : 0.0f;
-          TQ_UNROLL for (int r = 0; r < R; ++r) {
-            qr[k * R + r] += q_sh[j * R + r] * m;
-          }
-        }
-      }
-      TQ_BARRIER();
-      TQ_UNROLL for (int k = 0; k < EPT; ++k) {
-        const int e = tq_tid + k * NT;
-        if (e < D) {
-          TQ_UNROLL for (int r = 0; r < R; ++r) {
-            q_sh[e * R + r] = qr[k * R + r];
-          }
-        }
-      }
-    }
-  }
+  if (Q_SH) {""" + _PREPARE_QUERY + r"""  }
   for (int i = tq_tid; i < NKC * KREP; i += NT) {
     kc_sh[i] = kcent[i / KREP];
   }
@@ -411,38 +416,9 @@ ATTENTION_TC = r"""
   const int t_end = t_begin + span < T ? t_begin + span : T;
   const int64_t tok0 = (int64_t)bh * cap;
 
-  // The query, scaled and rotated into the keys' basis (as in ATTENTION's PREP_Q).
+  // The query, scaled and rotated into the keys' basis.
   {
-    const float scale = tq_as_float(SCALE_BITS);
-    for (int i = tq_tid; i < D * R; i += NT) {
-      const int r = i / D;
-      q_sh[(i - r * D) * R + r] = static_cast<float>(q[(int64_t)bh * R * D + i]) * scale;
-    }
-    constexpr int EPT = (D + NT - 1) / NT;
-    float qr[EPT * R];
-    TQ_UNROLL for (int i = 0; i < EPT * R; ++i) {
-      qr[i] = 0.0f;
-    }
-    TQ_BARRIER();
-    TQ_UNROLL8 for (int j = 0; j < D; ++j) {
-      TQ_UNROLL for (int k = 0; k < EPT; ++k) {
-        const int e = tq_tid + k * NT;
-        const float m = e < D ? rot[j * D + e] : 0.0f;
-        TQ_UNROLL for (int r = 0; r < R; ++r) {
-          qr[k * R + r] += q_sh[j * R + r] * m;
-        }
-      }
-    }
-    TQ_BARRIER();
-    TQ_UNROLL for (int k = 0; k < EPT; ++k) {
-      const int e = tq_tid + k * NT;
-      if (e < D) {
-        TQ_UNROLL for (int r = 0; r < R; ++r) {
-          q_sh[e * R + r] = qr[k * R + r];
-        }
-      }
-    }
-  }
+    constexpr bool PREP_Q = true;""" + _PREPARE_QUERY + r"""  }
   for (int i = tq_tid; i < KTAB * 32; i += NT) {
     const int e = i >> 5;
     ktab[i] = tq_pack_half2(kcent[e & ((1 << KBITS) - 1)], kcent[e >> KBITS]);
