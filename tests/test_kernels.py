@@ -146,6 +146,23 @@ def _rms(a, ref):
     return float(mx.sqrt(((a.astype(mx.float32) - ref) ** 2).mean()))
 
 
+def _mask_sinks_exact(q, keys, values, mask, sinks):
+    """A random mask of the named kind ("bool", "additive"; else as given), random sinks if
+    asked, and the float32 attention on the original vectors with them."""
+    _, n_q, L, D = q.shape
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(L, T)) < 0.7
+        mask[:, -1] = True
+    elif mask == "additive":
+        mask = mx.random.normal((1, n_q, L, T))
+    s = mx.random.normal((n_q,)) if sinks else None
+    exact = mx.fast.scaled_dot_product_attention(
+        q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
+        scale=D**-0.5, mask=mask, sinks=s,
+    )  # fmt: skip
+    return mask, s, exact
+
+
 @needs_gxx
 @pytest.mark.parametrize(
     "scheme, D, n_rep, L, mask, sinks",
@@ -163,16 +180,7 @@ def test_emulated_attention_parity(monkeypatch, scheme, D, n_rep, L, mask, sinks
     cache, keys, values = _cache(scheme, D, n_kv, seed=D + L, dtype=mx.bfloat16)
     emulated = _emulate(monkeypatch)
     q = mx.random.normal((1, n_kv * n_rep, L, D)).astype(mx.bfloat16)
-    if mask == "bool":
-        mask = mx.random.uniform(shape=(L, T)) < 0.7
-        mask[:, -1] = True
-    elif mask == "additive":
-        mask = mx.random.normal((1, n_kv * n_rep, L, T))
-    s = mx.random.normal((n_kv * n_rep,)) if sinks else None
-    exact = mx.fast.scaled_dot_product_attention(
-        q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
-        scale=D**-0.5, mask=mask, sinks=s,
-    )  # fmt: skip
+    mask, s, exact = _mask_sinks_exact(q, keys, values, mask, sinks)
     fused = emulated.decode_attention(q, cache, D**-0.5, mask=mask, sinks=s)
     assert fused is not None and fused.dtype == q.dtype and not mx.isnan(fused).any()
     twin = reference_sdpa(q, cache, D**-0.5, mask=mask, sinks=s)
@@ -204,16 +212,7 @@ def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, 
                          cache.keys.dtype, n_rep, L, D, True)  # fmt: skip
     assert op == "attention_tc"
     q = (mx.random.normal((1, n_kv * n_rep, L, D)) * 3.0).astype(mx.bfloat16)
-    if mask == "bool":
-        mask = mx.random.uniform(shape=(L, T)) < 0.7
-        mask[:, -1] = True
-    elif mask == "additive":
-        mask = mx.random.normal((1, n_kv * n_rep, L, T))
-    s = mx.random.normal((n_kv * n_rep,)) if sinks else None
-    exact = mx.fast.scaled_dot_product_attention(
-        q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
-        scale=D**-0.5, mask=mask, sinks=s,
-    )  # fmt: skip
+    mask, s, exact = _mask_sinks_exact(q, keys, values, mask, sinks)
     run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
                   mask=mask, sinks=s)  # fmt: skip
     fused, portable = run(tensor_cores=True), run(tensor_cores=False)

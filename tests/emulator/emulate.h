@@ -101,12 +101,11 @@ inline float tq_warp_max(float v) {
 }
 
 // Lane exchange within a warp: every lane publishes, then reads another's value.
-static float tq_emu_xf[1024];
 inline float tq_shfl(float v, int src) {
   const int warp = tq_emu_tid / 32;
-  tq_emu_xf[tq_emu_tid] = v;
+  tq_emu_lanes[tq_emu_tid] = v;
   tq_emu_warp_barriers[warp]->arrive_and_wait();
-  const float r = tq_emu_xf[warp * 32 + (src & 31)];
+  const float r = tq_emu_lanes[warp * 32 + (src & 31)];
   tq_emu_warp_barriers[warp]->arrive_and_wait();
   return r;
 }
