@@ -119,14 +119,14 @@ def kernel_bench(contexts, schemes, baselines=True):
             scheme = parse_scheme(name.split(":")[0])
             nbytes = scheme.bytes_per_token(H_KV, D) * T
             caches = []
-            for _ in range(_n_copies(nbytes)):
-                c = TurboQuantKVCache(scheme)
-                k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
-                v = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
-                c.update_and_fetch(k, v)
-                mx.eval(c.keys, c.values, c.value_norms)
-                caches.append(c)
             with _kernel_variant(name):
+                for _ in range(_n_copies(nbytes)):
+                    c = TurboQuantKVCache(scheme)
+                    k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
+                    v = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
+                    c.update_and_fetch(k, v)
+                    mx.eval(c.buffers())
+                    caches.append(c)
                 t = _time(lambda c: turboquant_sdpa(q, c, scale), caches)
             row[name] = {"ms": t * 1e3, "bytes": nbytes, "GBps": nbytes / t / 1e9}
             del caches
@@ -139,16 +139,20 @@ def kernel_bench(contexts, schemes, baselines=True):
 
 @contextlib.contextmanager
 def _kernel_variant(name):
-    """``scheme:portable`` measures the portable kernel where CUDA's tensor-core one would run."""
+    """``scheme:portable`` measures the portable kernel where CUDA's tensor-core one would
+    run; ``scheme:apart`` caches that keep four arrays instead of token rows."""
     variant = name.split(":")[1] if ":" in name else ""
-    if variant not in ("", "portable"):
-        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; allowed: portable")
+    if variant not in ("", "portable", "apart"):
+        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; "
+                         "allowed: portable, apart")  # fmt: skip
     old = os.environ.get(TENSOR_CORES_ENV)
-    if variant:
+    if variant == "portable":
         os.environ[TENSOR_CORES_ENV] = "0"
+    TurboQuantKVCache.packs_rows = variant != "apart"
     try:
         yield
     finally:
+        TurboQuantKVCache.packs_rows = True
         os.environ.pop(TENSOR_CORES_ENV, None)
         if old is not None:
             os.environ[TENSOR_CORES_ENV] = old
@@ -191,7 +195,7 @@ def _fill(model, kind, T):
         k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
         v = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
         c.update_and_fetch(k, v)
-        mx.eval([a for a in (c.keys, c.values) if a is not None])
+        mx.eval(c.buffers() if kind != "fp16" else [c.keys, c.values])
     return cache
 
 
@@ -242,7 +246,8 @@ def encode_cost(cache, repeats=10):
         t0 = time.perf_counter()
         for c in cache:
             c.update_and_fetch(k, v)
-        mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])
+        mx.eval([a for c in cache for a in (c.buffers() if hasattr(c, "buffers")
+                                            else (c.keys, c.values))])  # fmt: skip
         samples.append(time.perf_counter() - t0)
         for c in cache:
             c.trim(1)
@@ -256,10 +261,10 @@ def e2e_bench(contexts, schemes, steps):
         row = {"context": T}
         for kind in ["fp16"] + list(schemes):
             try:
-                cache = _fill(model, kind.split(":")[0], T)
                 with _kernel_variant(kind):
+                    cache = _fill(model, kind.split(":")[0], T)
                     tps, host, peak = decode_rate(model, cache, steps)
-                enc = encode_cost(cache)
+                    enc = encode_cost(cache)
                 row[kind] = {"tok_s": tps, "host_ms_per_step": host * 1e3, "peak_GB": peak / 1e9,
                              "encode_ms": enc * 1e3, "encode_share": enc * tps}  # fmt: skip
             except Exception as err:

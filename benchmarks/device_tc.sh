@@ -1,6 +1,6 @@
 #!/bin/bash
 # Tensor-core attention on the lent GPU, one step per call (see docs/kernels.md):
-#   bash benchmarks/device_tc.sh smoke|parity|e2e ; results land in $OUT.
+#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps ; results land in $OUT.
 set -o pipefail
 export PYTHONPATH=/root/mlx-site:$PWD PYTHONUNBUFFERED=1
 case "${1:-smoke}" in
@@ -24,4 +24,7 @@ case "${1:-smoke}" in
     timeout ${E2E_S:-500} python3 benchmarks/bench_kernels.py --out $OUT --skip-kernels \
       --e2e-contexts ${E2E_CONTEXTS:-4096 16384 32768 65536} --decode-steps 32 \
       --e2e-schemes ${E2E_SCHEMES:-turbo4 turbo4:portable turbo3 turbo2} 2>&1 | tee $OUT/e2e.log ;;
+  steps)
+    timeout ${STEPS_S:-200} python3 benchmarks/step_costs.py --out $OUT \
+      --context ${STEP_CONTEXTS:-4096 32768} 2>&1 | tee $OUT/steps.log ;;
 esac

@@ -14,6 +14,7 @@ from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from . import kernels
 from .codec import codec_for
+from .codec.packing import split_rows, token_rows
 from .codec.split import inverse_order, outlier_channels, permute
 from .config import VARIANTS, KVScheme, parse_scheme
 
@@ -108,10 +109,19 @@ class TurboQuantKVCache(_BaseCache):
         recent_keys, recent_values: ``[B, H_kv, r, D]`` in the model's dtype, the last
             ``r <= scheme.window`` tokens uncompressed (None without a window). Those tokens
             are stored packed too; attention reads them from here.
+        packed: plain schemes (:attr:`plain`, code keys) keep the four token arrays as one,
+            ``[B, H_kv, T, words_k + words_v + 1]`` uint32 (``codec.packing.token_rows``:
+            the same bytes), so a decode step updates one buffer instead of four; the four
+            attributes above then read out of it. None otherwise.
     """
 
     step = 256
     key_channels = value_channels = None  # also for instances made by __new__
+    packed = None
+    _keys = _key_norms = _values = _value_norms = None
+    # Whether new caches of this class keep token rows; the sliding-window subclass writes
+    # its four arrays in place, so it keeps them apart.
+    packs_rows = True
 
     def __init__(self, scheme="turbo4", layer_index: int = 0):
         self.scheme: KVScheme = parse_scheme(scheme)
@@ -134,6 +144,44 @@ class TurboQuantKVCache(_BaseCache):
     @dtype.setter
     def dtype(self, value):
         self._dtype = None if value is None else str(value).split(".")[-1]
+
+    # -- stored arrays: four attributes, read out of ``packed`` when rows are kept -------
+
+    def _key_words(self):
+        return self.scheme.vector_format("keys", self.k_dim)[0]
+
+    def _unpack(self):
+        """Switch to four separate arrays (any assignment to one of them does this first)."""
+        if self.packed is not None:
+            rows, self.packed = self.packed, None
+            self._keys, self._key_norms, self._values, self._value_norms = split_rows(
+                rows, self._key_words()
+            )
+
+    def _stored(index, name):  # noqa: N805 (a property factory, run in the class body)
+        def get(self):
+            if self.packed is None:
+                return getattr(self, name)
+            return split_rows(self.packed, self._key_words())[index]
+
+        def set(self, value):
+            self._unpack()
+            setattr(self, name, value)
+
+        return property(get, set)
+
+    keys = _stored(0, "_keys")
+    key_norms = _stored(1, "_key_norms")
+    values = _stored(2, "_values")
+    value_norms = _stored(3, "_value_norms")
+    del _stored
+
+    def _keeps_rows(self) -> bool:
+        """Whether updates go to ``packed``: already there, or a new cache that may."""
+        if self.packed is not None:
+            return True
+        return (self.packs_rows and self._values is None and self.plain
+                and self.scheme.key_bits > 0)  # fmt: skip
 
     # -- codecs -----------------------------------------------------------------
 
@@ -167,8 +215,28 @@ class TurboQuantKVCache(_BaseCache):
         B, n_kv_heads, L, k_dim = keys.shape
         v_dim = values.shape[-1]
         take_head_dims(self, keys, values)
-        new_keys, new_key_norms, new_values, new_value_norms = self.encode_tokens(keys, values)
+        if self._keeps_rows():
+            self._append_rows(keys, values)
+        else:
+            self._append(keys, values)
+        if self.scheme.window:
+            self._keep_recent(keys, values)
+        return (
+            CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
+        )
 
+    def _append_rows(self, keys, values):
+        rows = kernels.encode_rows(self.key_codec, keys, self.value_codec, values)
+        prev, L = self.offset, keys.shape[2]
+        if self.packed is None or prev + L > self.packed.shape[2]:
+            self.packed = self._grown(self.packed, prev, L, rows)
+        self.offset += L
+        self.packed[:, :, prev : self.offset] = rows  # one in-place slice update
+
+    def _append(self, keys, values):
+        L = keys.shape[2]
+        new_keys, new_key_norms, new_values, new_value_norms = self.encode_tokens(keys, values)
         prev = self.offset
         if self.keys is None or prev + L > self.keys.shape[2]:
             self._grow(prev, L, new_keys, new_key_norms, new_values, new_value_norms)
@@ -180,15 +248,6 @@ class TurboQuantKVCache(_BaseCache):
         if new_key_norms is not None:
             self.key_norms[:, :, prev : self.offset] = new_key_norms
         self.value_norms[:, :, prev : self.offset] = new_value_norms
-        kept = getattr(self, "_device_tokens", None)
-        if kept is not None and kept[0] == prev:  # advance it on the device
-            self._device_tokens = (self.offset, kept[1] + L)
-        if self.scheme.window:
-            self._keep_recent(keys, values)
-        return (
-            CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
-            CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
-        )
 
     def _keep_recent(self, keys, values):
         w = self.scheme.window
@@ -221,16 +280,6 @@ class TurboQuantKVCache(_BaseCache):
             keys, values = permute(keys, self.key_channels), permute(values, self.value_channels)
         return kernels.encode_kv(self.key_codec, keys, self.value_codec, values)
 
-    def device_tokens(self) -> mx.array:
-        """``[attended_tokens]`` as int32, kept on the device across decode steps: the fused
-        kernels read it there, where a new host array per layer and step costs a transfer."""
-        n = self.attended_tokens
-        kept = getattr(self, "_device_tokens", None)
-        if kept is None or kept[0] != n:
-            kept = (n, mx.array([n], dtype=mx.int32))
-            self._device_tokens = kept
-        return kept[1]
-
     def _token_weights(self, L):
         """Which of the ``L`` new tokens are real (``[B, L]``), or None when all are."""
         return None
@@ -241,19 +290,17 @@ class TurboQuantKVCache(_BaseCache):
         The old contents are copied once per step (as in mlx-lm's KVCache), never
         per token.
         """
-        n_steps = (self.step + L - 1) // self.step
         names = ("keys", "key_norms", "values", "value_norms")
         for name, like in zip(names, new):
-            if like is None:
-                continue
-            shape = list(like.shape)
-            shape[2] = n_steps * self.step
-            extra = mx.zeros(shape, like.dtype)
-            old = getattr(self, name)
-            if old is None:
-                setattr(self, name, extra)
-            else:
-                setattr(self, name, mx.concatenate([old[:, :, :prev], extra], axis=2))
+            if like is not None:
+                setattr(self, name, self._grown(getattr(self, name), prev, L, like))
+
+    def _grown(self, old, prev, L, like):
+        """``old`` (or nothing) with room for ``L`` more tokens after ``prev``, in steps."""
+        shape = list(like.shape)
+        shape[2] = (self.step + L - 1) // self.step * self.step
+        extra = mx.zeros(shape, like.dtype)
+        return extra if old is None else mx.concatenate([old[:, :, :prev], extra], axis=2)
 
     def keys_and_values(self):
         """Handles on the cached keys and values (models that share one layer's KV with
@@ -274,7 +321,7 @@ class TurboQuantKVCache(_BaseCache):
         return self.offset
 
     def empty(self):
-        return self.keys is None
+        return self.packed is None and self._values is None
 
     def is_trimmable(self):
         return True
@@ -298,13 +345,17 @@ class TurboQuantKVCache(_BaseCache):
 
         return BatchTurboQuantKVCache.merge(caches)
 
+    def buffers(self):
+        """The arrays this cache holds, whatever their layout (e.g. to evaluate them)."""
+        arrays = (self.packed, self._keys, self._key_norms, self._values, self._value_norms,
+                  self.key_channels, self.value_channels,
+                  self.recent_keys, self.recent_values)  # fmt: skip
+        return [a for a in arrays if a is not None]
+
     @property
     def nbytes(self):
         """Bytes of the arrays this cache holds (capacity included, like KVCache)."""
-        arrays = (self.keys, self.key_norms, self.values, self.value_norms,
-                  self.key_channels, self.value_channels,
-                  self.recent_keys, self.recent_values)  # fmt: skip
-        return sum(a.nbytes for a in arrays if a is not None)
+        return sum(a.nbytes for a in self.buffers())
 
     def bytes_per_token(self) -> int:
         """Bytes one token costs in this layer; 0 before the first update."""
@@ -470,6 +521,15 @@ class TurboQuantKVCache(_BaseCache):
         self.keys, self.key_norms, self.values, self.value_norms = keys, key_norms, values, value_norms
         if not USES_META_STATE or self.k_dim is not None:
             self._validate()
+            self._pack_rows()
+
+    def _pack_rows(self):
+        """Keep a loaded plain cache as token rows too (decode then updates one buffer)."""
+        if self.packed is None and self._values is not None and self.packs_rows \
+                and self.plain and self.scheme.key_bits > 0:  # fmt: skip
+            rows = token_rows(self._keys, self._key_norms, self._values, self._value_norms)
+            self._keys = self._key_norms = self._values = self._value_norms = None
+            self.packed = rows
 
     def _validate(self):
         """Check the arrays against the scalars, so a corrupt file fails here with a

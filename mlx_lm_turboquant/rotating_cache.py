@@ -59,6 +59,8 @@ class RotatingTurboQuantKVCache(TurboQuantKVCache):
     ``_idx`` is the next slot to write. Attention reads the first :attr:`attended_tokens`.
     """
 
+    packs_rows = False  # the ring buffer writes its four arrays in place
+
     def __init__(self, scheme="turbo4", layer_index: int = 0, *, max_size: int, keep: int = 0):
         _check_window(max_size, keep)
         super().__init__(scheme, layer_index)

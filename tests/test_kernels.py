@@ -5,6 +5,7 @@ emulator (``kernel_emulator.py``: one thread per GPU thread, real barriers) driv
 real launch code; ``test_kernels_gpu.py`` holds the same checks on a GPU.
 """
 
+import copy
 import shutil
 import types
 import warnings
@@ -15,6 +16,7 @@ import pytest
 
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.codec import get_codec
+from mlx_lm_turboquant.codec.packing import token_rows
 from mlx_lm_turboquant.kernels import launch
 from mlx_lm_turboquant.kernels.reference import reference_sdpa
 
@@ -137,9 +139,18 @@ def _emulate(monkeypatch):
         decode_attention=partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES),
         encode=partial(launch.encode, emu.kernel),
         encode_kv=partial(launch.encode_kv, emu.kernel),
+        encode_rows=partial(launch.encode_rows, emu.kernel),
     )
     monkeypatch.setattr(kernels, "active_backend", lambda: module)
     return module
+
+
+def _apart(cache):
+    """A copy of ``cache`` keeping four arrays instead of token rows (batch caches' views
+    keep that layout): the kernels must read the same data from it."""
+    other = copy.deepcopy(cache)
+    other._unpack()
+    return other
 
 
 def _rms(a, ref):
@@ -187,6 +198,10 @@ def test_emulated_attention_parity(monkeypatch, scheme, D, n_rep, L, mask, sinks
     assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6
     # the dispatcher takes the same kernel
     assert mx.array_equal(turboquant_sdpa(q, cache, scale=D**-0.5, mask=mask, sinks=s), fused)
+    # and four separate arrays give the very same result as token rows
+    assert (cache.packed is not None) == (scheme != "turbo0v4")
+    other = emulated.decode_attention(q, _apart(cache), D**-0.5, mask=mask, sinks=s)
+    assert mx.array_equal(other, fused)
 
 
 @needs_gxx
@@ -209,8 +224,8 @@ def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, 
     n_kv = 2
     cache, keys, values = _cache(scheme, D, n_kv, seed=D + 3 * L, dtype=mx.bfloat16)
     op, _ = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,
-                         cache.keys.dtype, n_rep, L, D, True)  # fmt: skip
-    assert op == "attention_tc"
+                         cache.keys.dtype, n_rep, L, D, True, True)  # fmt: skip
+    assert op == "attention_tc" and cache.packed is not None
     q = (mx.random.normal((1, n_kv * n_rep, L, D)) * 3.0).astype(mx.bfloat16)
     mask, s, exact = _mask_sinks_exact(q, keys, values, mask, sinks)
     run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
@@ -224,6 +239,9 @@ def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, 
     # layout or code pairing would add far more.
     assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin
     assert _rms(portable, twin.astype(mx.float32)) < 0.05 * e_twin
+    apart = launch.decode_attention(emu.kernel, emu.SHARED_BYTES, q, _apart(cache), D**-0.5,
+                                    mask=mask, sinks=s, tensor_cores=True)  # fmt: skip
+    assert mx.array_equal(apart, fused)
 
 
 def test_tensor_core_plan_limits():
@@ -289,12 +307,15 @@ def test_emulated_cache_update_uses_the_fused_encode(monkeypatch):
     ref_k, ref_v = ref.dequantize()
     calls = []
     emulated = _emulate(monkeypatch)
-    fused_kv = emulated.encode_kv
-    emulated.encode_kv = lambda *a: calls.append(1) or fused_kv(*a)
+    fused_rows = emulated.encode_rows
+    emulated.encode_rows = lambda *a: calls.append(1) or fused_rows(*a)
     cache = TurboQuantKVCache("turbo4v2")
     cache.update_and_fetch(keys, values)
     k_hat, v_hat = cache.dequantize()
-    assert calls == [1]  # keys and values in one launch
+    assert calls == [1]  # keys and values in one launch, as one row per token
+    # the rows hold exactly what the fused encode of four arrays gives
+    rows = token_rows(*emulated.encode_kv(cache.key_codec, keys, cache.value_codec, values))
+    assert mx.array_equal(cache.packed[:, :, :6], rows)
     assert _rms(k_hat, keys.astype(mx.float32)) <= 1.01 * _rms(ref_k, keys.astype(mx.float32))
     assert _rms(v_hat, values.astype(mx.float32)) <= 1.01 * _rms(ref_v, values.astype(mx.float32))
 

@@ -87,7 +87,8 @@ def test_tensor_cores_take_the_shapes_they_cover(scheme, expected):
     cache = TurboQuantKVCache(scheme)
     cache.update_and_fetch(mx.zeros((1, 2, 1, 128)), mx.zeros((1, 2, 1, 128)))  # makes codecs
     op, _ = launch._plan(BACKEND.kernel, BACKEND.SHARED_BYTES, cache.key_codec, cache.value_codec,
-                         mx.float16, 4, 1, 128, launch.tensor_cores_enabled())  # fmt: skip
+                         mx.float16, 4, 1, 128, launch.tensor_cores_enabled(),
+                         cache.packed is not None)  # fmt: skip
     assert op == expected
 
 
@@ -198,6 +199,35 @@ def test_decode_steps_and_compiled_attention_track_the_cache():
     whole.update_and_fetch(k, v)
     for got, want in zip(cache.fetch(), whole.fetch()):
         assert mx.array_equal(got, want), f"seed {SEED}"
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False])
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2v4", "turbo8v4"])
+def test_token_rows_and_four_arrays_agree(scheme, tensor_cores):
+    """Plain caches keep one row per token; batch caches' views keep four arrays. Both
+    layouts must give the same attention bit for bit, and the fused encode of rows the
+    same codes as the fused encode of four arrays."""
+    import copy
+
+    from mlx_lm_turboquant.codec.packing import token_rows
+
+    mx.random.seed(SEED)
+    k = mx.random.normal((1, 2, 300, 128)).astype(mx.bfloat16) * 3
+    v = mx.random.normal((1, 2, 300, 128)).astype(mx.bfloat16)
+    q = mx.random.normal((1, 8, 2, 128)).astype(mx.bfloat16)
+    cache = TurboQuantKVCache(scheme, layer_index=5)
+    cache.update_and_fetch(k[:, :, :299], v[:, :, :299])
+    cache.update_and_fetch(k[:, :, 299:], v[:, :, 299:])
+    assert cache.packed is not None
+    apart = copy.deepcopy(cache)
+    apart._unpack()
+    run = lambda c: launch.decode_attention(BACKEND.kernel, BACKEND.SHARED_BYTES, q, c,  # noqa
+                                            128**-0.5, mask="causal", tensor_cores=tensor_cores)
+    rows_out, apart_out = run(cache), run(apart)
+    assert rows_out is not None and mx.array_equal(rows_out, apart_out), SEED
+    kc, vc = cache.key_codec, cache.value_codec
+    assert mx.array_equal(BACKEND.encode_rows(kc, k, vc, v),
+                          token_rows(*BACKEND.encode_kv(kc, k, vc, v))), SEED  # fmt: skip
 
 
 def test_sliding_window_cache_takes_the_fused_kernel():

@@ -98,3 +98,21 @@ def unpack(words: mx.array, bits: int, count: int) -> mx.array:
     low = mx.right_shift(words[..., word], shift)
     high = mx.left_shift(words[..., next_word], high_shift) & high_mask
     return (low | high) & ((1 << bits) - 1)
+
+
+def token_rows(keys, key_norms, values, value_norms) -> mx.array:
+    """One uint32 row per token: key codes, value codes, then one word holding both fp16
+    norms (the key's in the low half). ``keys`` / ``values`` ``[..., words]`` uint32,
+    norms ``[...]`` float16. Same bytes as the four arrays, one array to update."""
+    key_half = key_norms.view(mx.uint16).astype(mx.uint32)
+    value_half = value_norms.view(mx.uint16).astype(mx.uint32)
+    norms = key_half | mx.left_shift(value_half, 16)
+    return mx.concatenate([keys, values, norms[..., None]], axis=-1)
+
+
+def split_rows(rows, key_words: int):
+    """Inverse of :func:`token_rows`: ``(keys, key_norms, values, value_norms)``."""
+    norms = rows[..., -1]
+    as_half = lambda bits: (bits & 0xFFFF).astype(mx.uint16).view(mx.float16)  # noqa: E731
+    return (rows[..., :key_words], as_half(norms), rows[..., key_words:-1],
+            as_half(mx.right_shift(norms, 16)))  # fmt: skip

@@ -18,10 +18,12 @@ import warnings
 
 import mlx.core as mx
 
+from ..codec.packing import token_rows
+
 ENV = "MLX_TQ_KERNELS"
 CHOICES = ("auto", "reference", "cuda", "metal")
 BACKENDS = ("cuda", "metal")
-OPS = ("decode_attention", "encode", "encode_kv")
+OPS = ("decode_attention", "encode", "encode_kv", "encode_rows")
 
 _disabled = set()  # (backend, op) that failed once
 _checked = set()  # (backend, op, configuration) already run eagerly once
@@ -74,8 +76,10 @@ def _config_key(args):
     for a in args:
         if isinstance(a, mx.array):
             parts.append((tuple(a.shape[:-1]), a.shape[-1] == 1, str(a.dtype)))
-        elif hasattr(a, "scheme"):  # a cache: its format, not its length
-            parts.append((a.scheme.name, a.k_dim, a.v_dim, str(a.dtype), a.values.shape[1]))
+        elif hasattr(a, "scheme"):  # a cache: its format and layout, not its length
+            rows = getattr(a, "packed", None)
+            heads = (a.values if rows is None else rows).shape[1]
+            parts.append((a.scheme.name, a.k_dim, a.v_dim, str(a.dtype), heads, rows is None))
         elif hasattr(a, "bits"):  # a codec
             parts.append((a.dim, a.bits, a.norm_correction))
         elif isinstance(a, (str, type(None), int, float, bool)):
@@ -129,4 +133,12 @@ def encode_kv(key_codec, keys, value_codec, values):
     out = run("encode_kv", key_codec, keys, value_codec, values)
     if out is None:
         return (*encode(key_codec, keys), *encode(value_codec, values))
+    return out
+
+
+def encode_rows(key_codec, keys, value_codec, values):
+    """``codec.packing.token_rows`` of both encodes: one launch where a kernel runs."""
+    out = run("encode_rows", key_codec, keys, value_codec, values)
+    if out is None:
+        return token_rows(*encode_kv(key_codec, keys, value_codec, values))
     return out

@@ -28,6 +28,9 @@ __device__ __forceinline__ float tq_as_float(int bits) { return __int_as_float(b
 __device__ __forceinline__ float tq_half_bits(uint32_t h) {
   return __half2float(__ushort_as_half((unsigned short)h));
 }
+__device__ __forceinline__ uint32_t tq_half_word(float x) {
+  return (uint32_t)__half_as_ushort(__float2half(x));
+}
 __device__ __forceinline__ float tq_bf16_bits(uint32_t h) { return __uint_as_float(h << 16); }
 __device__ __forceinline__ float tq_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) {
@@ -111,4 +114,8 @@ def encode(codec, x):
 
 def encode_kv(key_codec, keys, value_codec, values):
     return launch.encode_kv(kernel, key_codec, keys, value_codec, values)
+
+
+def encode_rows(key_codec, keys, value_codec, values):
+    return launch.encode_rows(kernel, key_codec, keys, value_codec, values)
 

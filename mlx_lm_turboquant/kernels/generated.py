@@ -116,8 +116,19 @@ def cuda_source(cfg: KernelConfig) -> str:
     )
 
 
-def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mask, sinks):
-    plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_bits, shared)
+def _token_inputs(plan, tokens=4096):
+    """(dtype, size) of keys, key_norms, values, value_norms: four arrays, or token rows
+    passed as both keys and values with one-element norms."""
+    if plan.PACKED:
+        rows = (mx.uint32, tokens * (plan.WK + plan.WV + 1))
+        return (rows, (mx.float16, 1), rows, (mx.float16, 1))
+    return ((mx.uint32, tokens * plan.WK), (mx.float16, tokens),
+            (mx.uint32, tokens * plan.WV), (mx.float16, tokens))  # fmt: skip
+
+
+def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mask, sinks,
+                       packed=False):  # fmt: skip
+    plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_bits, shared, packed)
     if plan is None:
         return []
     q_dtype = key_dtype if plan.Q_SH else mx.float32
@@ -129,9 +140,8 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
     attn = KernelConfig(
         "attention",
         tuple(plan.template(q_dtype, D**-0.5, mode, *mflags)),
-        ((q_dtype, R * D), (mx.float32, D * D if kb < 16 else 1),
-         (mx.uint32, 4096 * plan.WK), (mx.float16, 4096),
-         (mx.uint32, 4096 * plan.WV), (mx.float16, 4096), (mx.float32, kcent),
+        ((q_dtype, R * D), (mx.float32, D * D if kb < 16 else 1), *_token_inputs(plan),
+         (mx.float32, kcent),
          (mx.float32, 1 << value_bits), (mx.float32, 4096 * R if mode == 2 else 1),
          (mx.int32, 1), (mx.int32, 4)),
         (mx.float32, mx.float32),
@@ -146,8 +156,8 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
     return [attn, red]
 
 
-def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask):
-    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared)
+def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=False):
+    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared, packed)
     if plan is None:
         return []
     R = plan.R
@@ -156,8 +166,7 @@ def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask):
     return [KernelConfig(
         "attention_tc",
         tuple(plan.template(mx.float16, D**-0.5, mode, *mflags)),
-        ((mx.float16, R * D), (mx.float32, D * D), (mx.uint32, 4096 * plan.WK),
-         (mx.float16, 4096), (mx.uint32, 4096 * plan.WV), (mx.float16, 4096),
+        ((mx.float16, R * D), (mx.float32, D * D), *_token_inputs(plan),
          (mx.float32, 1 << key_bits), (mx.float32, 1 << value_bits),
          (mx.float32, 4096 * R if mode == 2 else 1), (mx.int32, 1), (mx.int32, 4)),
         (mx.float32, mx.float32),
@@ -171,6 +180,9 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
     shared = {"cuda": cuda.SHARED_BYTES, "metal": metal.SHARED_BYTES}[backend]
     formats = [(4, 4), (3, 3), (2, 2), (8, 4), (4, 2), (2, 4), (0, 4), (0, 3)]
     cases = [(128, 4, 1, kb, vb, None, False) for kb, vb in formats]
+    # Token rows (code keys only): the same kernels with another addressing.
+    packed = [(128, 4, 1, 4, 4, None, False), (128, 4, 1, 3, 3, None, False),
+              (96, 8, 4, 8, 4, "array", True), (256, 1, 1, 2, 3, None, False)]  # fmt: skip
     cases += [(64, 8, 4, 3, 3, "causal", True), (96, 1, 4, 4, 2, "array", False),
               (256, 8, 4, 0, 4, "array", True), (256, 1, 1, 3, 3, None, True),
               (128, 8, 8, 4, 4, "causal", False)]  # fmt: skip
@@ -183,13 +195,16 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
     for D, n_rep, L, kb, vb, mask, sinks in cases:
         key_dtype = mx.bfloat16 if (kb == 0 and D == 256) else mx.float16
         out += _attention_configs(D, n_rep, L, kb, key_dtype, vb, shared, mask, sinks)
+    for D, n_rep, L, kb, vb, mask, sinks in packed:
+        out += _attention_configs(D, n_rep, L, kb, mx.float16, vb, shared, mask, sinks, True)
     for D in (64, 96, 128, 256):
         for kb, vb in ((2, 2), (3, 3), (4, 4), (8, 4), (4, 2), (2, 3)):
             dtype = mx.bfloat16 if kb % 2 else mx.float16
             out.append(KernelConfig(
                 "encode",
                 (("D", D), ("KBITS", kb), ("KW", D * kb // 32), ("VBITS", vb),
-                 ("VW", D * vb // 32), ("NORM_CORR", kb != 8), ("InT", dtype)),
+                 ("VW", D * vb // 32), ("NORM_CORR", kb != 8), ("PACKED", kb == vb),
+                 ("InT", dtype)),
                 ((dtype, 16 * D), (dtype, 16 * D), (mx.float32, D * D), (mx.float32, D * D),
                  (mx.float32, (1 << kb) - 1), (mx.float32, (1 << vb) - 1),
                  (mx.float32, 1 << kb), (mx.float32, 1 << vb)),
@@ -200,6 +215,7 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
                                           (64, 8, 1, 2, 4, "array"), (128, 4, 2, 4, 3, None),
                                           (64, 2, 4, 3, 2, "causal")):  # fmt: skip
             out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask)
+            out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask, packed=True)
     assert backend == "cuda" or not any(c.op in CUDA_ONLY for c in out)
     seen, unique = set(), []
     for c in out:

@@ -66,6 +66,7 @@ class AttentionPlan(_KernelPlan):
     VSPLIT: bool
     RW: int
     Q_SH: bool
+    PACKED: bool  # one row per token (see cache.TurboQuantKVCache.packed)
 
     def _extra_template(self):
         return [("PREP_Q", self.Q_SH)]
@@ -77,13 +78,13 @@ VALUE_REGISTERS = 64  # value accumulators per lane (rows x coordinates) at most
 
 @lru_cache(maxsize=None)
 def attention_plan(
-    D, n_rep, L, key_bits, key_dtype, value_bits, shared_bytes
+    D, n_rep, L, key_bits, key_dtype, value_bits, shared_bytes, packed=False
 ) -> Optional[AttentionPlan]:
     """The kernel configuration for these shapes, or None where the kernels do not apply."""
     R = n_rep * L
     if D % 32 or not 32 <= D <= 512 or L > MAX_QUERIES or R > MAX_ROWS:
         return None
-    if key_bits == 0 and key_dtype not in (mx.float16, mx.bfloat16):
+    if key_bits == 0 and (packed or key_dtype not in (mx.float16, mx.bfloat16)):
         return None
     if D * value_bits > 32 * 32:  # a lane's value codes must fit in one 32-bit field
         return None
@@ -111,7 +112,7 @@ def attention_plan(
         if 4 * (words + floats) <= shared_bytes:
             return AttentionPlan(
                 D, R, L, n_rep, NT, tile, kbits, key_dtype == mx.bfloat16,
-                WK, value_bits, WV, vsplit, rw, q_sh,
+                WK, value_bits, WV, vsplit, rw, q_sh, packed,
             )  # fmt: skip
     return None
 
@@ -134,12 +135,14 @@ class TensorCorePlan(_KernelPlan):
     WK: int
     WV: int
     SAME_TABLE: bool
+    PACKED: bool
     TILE = TC_TILE
     Q_SH = True
 
 
 @lru_cache(maxsize=None)
-def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes):
+def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes,
+                     packed=False):  # fmt: skip
     """The tensor-core kernel's configuration, or None where it does not apply (the portable
     kernel then runs): head dims 64 or 128, up to 8 query rows per KV head, 2- to 4-bit
     codes for keys and values (8-bit and float keys need more precision than fp16 inputs to
@@ -155,7 +158,7 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
     if 4 * (max(32 * tables, merge) + D * R) > shared_bytes:
         return None
     return TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
-                          D * key_bits // 32, D * value_bits // 32, same)  # fmt: skip
+                          D * key_bits // 32, D * value_bits // 32, same, packed)  # fmt: skip
 
 
 def split_tokens(T: int, n_blocks: int, tile: int):
@@ -198,22 +201,34 @@ def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks):
     return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
 
 
+_TOKEN_COUNTS = {}  # token count -> int32 [1] device array, shared by every layer and cache
+_MAX_TOKEN_COUNTS = 64
+
+
 def device_tokens(cache) -> mx.array:
-    """How many tokens attention reads, as an int32 ``[1]`` array. Caches that keep it on
-    the device between steps say so; a new host array per layer and step costs a transfer
-    on CUDA."""
-    keep = getattr(cache, "device_tokens", None)
-    return keep() if keep is not None else mx.array([cache.attended_tokens], dtype=mx.int32)
+    """How many tokens attention reads, as an int32 ``[1]`` array on the device. Every layer
+    of a step reads the same count, so one array serves them all; the next count derives
+    from the last on the device (a new host array per layer and step costs a transfer on
+    CUDA, and a derived one per layer an extra launch)."""
+    n = cache.attended_tokens
+    count = _TOKEN_COUNTS.get(n)
+    if count is None:
+        last = _TOKEN_COUNTS.get(n - 1)
+        count = last + 1 if last is not None else mx.array([n], dtype=mx.int32)
+        if len(_TOKEN_COUNTS) >= _MAX_TOKEN_COUNTS:
+            del _TOKEN_COUNTS[next(iter(_TOKEN_COUNTS))]  # the oldest entry
+        _TOKEN_COUNTS[n] = count
+    return count
 
 
-_ONE = None
+_DUMMIES = {}
 
 
-def _dummy():
-    global _ONE
-    if _ONE is None:
-        _ONE = mx.zeros((1,), mx.float32)
-    return _ONE
+def _dummy(dtype=mx.float32):
+    """A one-element array for an input a configuration does not read."""
+    if dtype not in _DUMMIES:
+        _DUMMIES[dtype] = mx.zeros((1,), dtype)
+    return _DUMMIES[dtype]
 
 
 class _Launch(NamedTuple):
@@ -231,30 +246,33 @@ class _Launch(NamedTuple):
     key_codec: object
 
 
-def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, tensor_cores):
+def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, tensor_cores,
+          packed):  # fmt: skip
     """(op, plan): the tensor-core kernel where it applies and the backend has it, else the
     portable one; (None, None) where neither covers the shapes."""
     if tensor_cores and key_codec is not None and kernel("attention_tc") is not None:
         same = key_codec.codebook is value_codec.codebook
         plan = tensor_core_plan(D, n_rep, L, key_codec.bits, value_codec.bits, same,
-                                shared_bytes)  # fmt: skip
+                                shared_bytes, packed)  # fmt: skip
         if plan is not None:
             return "attention_tc", plan
     if kernel("attention") is None:
         return None, None
     key_bits = 0 if key_codec is None else key_codec.bits
-    plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_codec.bits, shared_bytes)
+    plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_codec.bits, shared_bytes,
+                          packed)  # fmt: skip
     return ("attention", plan) if plan is not None else (None, None)
 
 
 @lru_cache(maxsize=4096)  # a few entries per layer: decode looks its layer up every step
 def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads, B, n_q_heads,
-            L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled, tensor_cores):  # fmt: skip
+            L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled, tensor_cores,
+            packed):  # fmt: skip
     if kernel("reduce") is None or n_q_heads % n_kv_heads:
         return None
     n_rep = n_q_heads // n_kv_heads
     op, plan = _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D,
-                     tensor_cores)  # fmt: skip
+                     tensor_cores, packed)  # fmt: skip
     if plan is None:
         return None
     BH = B * n_kv_heads
@@ -289,12 +307,15 @@ def decode_attention(
     if masking is None:
         return None
     mode, mask_arr, mb, mh, ml = masking
-    n_kv_heads, cap = cache.values.shape[1:3]
+    packed = getattr(cache, "packed", None)
+    stored = cache.values if packed is None else packed
+    n_kv_heads, cap = stored.shape[1:3]
     setup = _launch(
-        kernel, shared_bytes, cache.key_codec, cache.value_codec, cache.keys.dtype,
+        kernel, shared_bytes, cache.key_codec, cache.value_codec,
+        mx.uint32 if packed is not None else cache.keys.dtype,
         n_kv_heads, B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
         sinks is not None, compiled and mask_arr is None,
-        tensor_cores_enabled() if tensor_cores is None else tensor_cores,
+        tensor_cores_enabled() if tensor_cores is None else tensor_cores, packed is not None,
     )  # fmt: skip
     if setup is None:
         return None
@@ -304,11 +325,16 @@ def decode_attention(
         q = queries.astype(mx.float32) * scale
         if setup.key_codec is not None:
             q = setup.key_codec.rotation.forward(q)
-    keys = cache.keys.view(mx.uint32) if setup.float_keys else cache.keys
-    key_norms = cache.value_norms if setup.float_keys else cache.key_norms
+    if packed is not None:  # one array of rows holds codes and norms of keys and values
+        keys = values = packed
+        key_norms = value_norms = _dummy(mx.float16)
+    else:
+        keys = cache.keys.view(mx.uint32) if setup.float_keys else cache.keys
+        key_norms = cache.value_norms if setup.float_keys else cache.key_norms
+        values, value_norms = cache.values, cache.value_norms
     # The full-capacity buffers go in as they are (row-contiguous, so never copied).
     out = setup.graph(
-        q, setup.rot, keys, key_norms, cache.values, cache.value_norms, setup.kcent,
+        q, setup.rot, keys, key_norms, values, value_norms, setup.kcent,
         setup.vcent, _dummy() if mask_arr is None else mask_arr, device_tokens(cache), meta,
         _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t, n_splits,
     )  # fmt: skip
@@ -347,17 +373,19 @@ def _attention_graph(kernel, op, plan, template, BH, has_sinks, out_dtype, compi
     return mx.compile(run) if compiled else run
 
 
-def _rows(x, D):
-    rows = x.reshape(-1, D)
-    if rows.dtype not in (mx.float16, mx.bfloat16, mx.float32):
-        rows = rows.astype(mx.float32)
-    return rows
+def _rows(x):
+    """``x`` as the kernel reads it: rows of D in a float dtype (contiguous rows come from
+    the launch itself, so no reshape node)."""
+    if x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        x = x.astype(mx.float32)
+    return x
 
 
-def encode_kv(kernel, key_codec, keys, value_codec, values):
+def encode_kv(kernel, key_codec, keys, value_codec, values, rows=False):
     """Fused twin of ``key_codec.encode(keys)`` and ``value_codec.encode(values)`` in one
     launch: ``(packed_k, norms_k, packed_v, norms_v)``, or None where it does not apply.
-    With ``values`` None only the keys are encoded (and the last two items are None)."""
+    With ``values`` None only the keys are encoded (and the last two items are None). With
+    ``rows`` the result is one array of token rows instead (see :func:`encode_rows`)."""
     *lead, D = keys.shape
     k = kernel("encode")
     pair = values is not None
@@ -370,26 +398,36 @@ def encode_kv(kernel, key_codec, keys, value_codec, values):
         or value_codec.norm_correction != key_codec.norm_correction
     ):
         return None
-    xk = _rows(keys, D)
+    xk = _rows(keys)
     vc = value_codec if pair else key_codec
-    xv = _rows(values, D) if pair else xk
-    N = xk.shape[0]
-    pk, nk, pv, nv = k(
+    xv = _rows(values) if pair else xk
+    N = keys.size // D
+    v_lead = lead if pair and not rows else [1]
+    row_words = key_codec.words + vc.words + 1
+    out = k(
         inputs=[xk, xv, key_codec.rotation.matrix, vc.rotation.matrix, key_codec.boundaries,
                 vc.boundaries, key_codec.centroids, vc.centroids],
         template=[("D", D), ("KBITS", key_codec.bits), ("KW", key_codec.words),
                   ("VBITS", vc.bits), ("VW", vc.words),
-                  ("NORM_CORR", key_codec.norm_correction), ("InT", xk.dtype)],
-        grid=(N * D, 2 if pair else 1, 1),
+                  ("NORM_CORR", key_codec.norm_correction), ("PACKED", rows),
+                  ("InT", xk.dtype)],
+        grid=(N * D, 2 if pair and not rows else 1, 1),
         threadgroup=(D, 1, 1),
-        output_shapes=[(N, key_codec.words), (N,), (N if pair else 1, vc.words),
-                       (N if pair else 1,)],
+        output_shapes=[(*lead, row_words if rows else key_codec.words),
+                       tuple(v_lead if rows else lead), (*v_lead, vc.words), tuple(v_lead)],
         output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
     )  # fmt: skip
-    out = [pk.reshape(*lead, key_codec.words), nk.reshape(lead), None, None]
-    if pair:
-        out[2:] = pv.reshape(*lead, vc.words), nv.reshape(lead)
-    return tuple(out)
+    if rows:
+        return out[0]
+    return tuple(out) if pair else (out[0], out[1], None, None)
+
+
+def encode_rows(kernel, key_codec, keys, value_codec, values):
+    """Fused twin of ``codec.packing.token_rows`` over both encodes: ``[..., KW + VW + 1]``
+    uint32 rows (key codes, value codes, both fp16 norms in the last word), or None."""
+    if values is None:
+        raise ValueError("encode_rows needs values as well as keys")
+    return encode_kv(kernel, key_codec, keys, value_codec, values, rows=True)
 
 
 def encode(kernel, codec, x):

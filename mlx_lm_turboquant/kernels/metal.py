@@ -30,6 +30,7 @@ inline float tq_exp(float x) { return metal::exp(x); }
 inline float tq_sqrt(float x) { return metal::sqrt(x); }
 inline float tq_as_float(int bits) { return as_type<float>(bits); }
 inline float tq_half_bits(uint32_t h) { return static_cast<float>(as_type<half>(ushort(h))); }
+inline uint32_t tq_half_word(float x) { return uint32_t(as_type<ushort>(half(x))); }
 inline float tq_bf16_bits(uint32_t h) { return as_type<float>(h << 16); }
 inline float tq_warp_sum(float v) { return simd_sum(v); }
 inline float tq_warp_max(float v) { return simd_max(v); }
@@ -82,4 +83,8 @@ def encode(codec, x):
 
 def encode_kv(key_codec, keys, value_codec, values):
     return launch.encode_kv(kernel, key_codec, keys, value_codec, values)
+
+
+def encode_rows(key_codec, keys, value_codec, values):
+    return launch.encode_rows(kernel, key_codec, keys, value_codec, values)
 

@@ -53,6 +53,34 @@ _PREPARE_QUERY = r"""
     }
 """
 
+# Where a token's data lives, for both attention kernels: four arrays (keys of WK words,
+# key_norms, values of WV words, value_norms), or with PACKED one row of PROW words per
+# token, passed as both `keys` and `values`: key codes, value codes, then one word holding
+# both fp16 norms (the key's in the low half). One row means one slice update per step.
+_TOKEN_ROWS = r"""
+  constexpr int PROW = WK + WV + 1;
+"""
+
+
+def _key_norm(tok):
+    return (f"(PACKED ? tq_half_bits(keys[({tok}) * PROW + WK + WV] & 0xFFFFu) "
+            f": TQ_HALF_TO_FLOAT(key_norms[{tok}]))")  # fmt: skip
+
+
+def _value_norm(tok):
+    return (f"(PACKED ? tq_half_bits(values[({tok}) * PROW + WK + WV] >> 16) "
+            f": TQ_HALF_TO_FLOAT(value_norms[{tok}]))")  # fmt: skip
+
+
+def _key_word(tok, i):  # word i of the keys of tokens tok, tok + 1, ... read as one stream
+    return f"(PACKED ? keys[({tok} + ({i}) / WK) * PROW + ({i}) % WK] : keys[({tok}) * WK + {i}])"
+
+
+def _value_word(tok, i):
+    return (f"(PACKED ? values[({tok} + ({i}) / WV) * PROW + WK + ({i}) % WV] "
+            f": values[({tok}) * WV + {i}])")  # fmt: skip
+
+
 # Decode attention, pass 1 (flash-decoding). One block per (batch * KV head, token span):
 # the R = n_rep * L query rows of that KV head share each read of its packed keys and
 # values (GQA). Tiles of TILE tokens are staged in shared memory with coalesced loads;
@@ -116,7 +144,7 @@ ATTENTION = r"""
   const int t_begin = split * span;
   const int t_end = t_begin + span < T ? t_begin + span : T;
   const int64_t tok0 = (int64_t)bh * cap;
-
+""" + _TOKEN_ROWS + r"""
   if (Q_SH) {""" + _PREPARE_QUERY + r"""  }
   for (int i = tq_tid; i < NKC * KREP; i += NT) {
     kc_sh[i] = kcent[i / KREP];
@@ -151,11 +179,11 @@ ATTENTION = r"""
     const int n0 = t_end - t_begin < TILE ? t_end - t_begin : TILE;
     TQ_UNROLL for (int u = 0; u < PK; ++u) {
       const int i = tq_tid + u * NT;
-      pk[u] = i < n0 * WK ? keys[(tok0 + t_begin) * WK + i] : 0u;
+      pk[u] = i < n0 * WK ? """ + _key_word("tok0 + t_begin", "i") + r""" : 0u;
     }
     TQ_UNROLL for (int u = 0; u < PV; ++u) {
       const int i = tq_tid + u * NT;
-      pv[u] = i < n0 * WV ? values[(tok0 + t_begin) * WV + i] : 0u;
+      pv[u] = i < n0 * WV ? """ + _value_word("tok0 + t_begin", "i") + r""" : 0u;
     }
   }
 
@@ -180,11 +208,11 @@ ATTENTION = r"""
       const int n1 = t_end - t1 < TILE ? t_end - t1 : TILE;
       TQ_UNROLL for (int u = 0; u < PK; ++u) {
         const int i = tq_tid + u * NT;
-        pk[u] = i < n1 * WK ? keys[(tok0 + t1) * WK + i] : 0u;
+        pk[u] = i < n1 * WK ? """ + _key_word("tok0 + t1", "i") + r""" : 0u;
       }
       TQ_UNROLL for (int u = 0; u < PV; ++u) {
         const int i = tq_tid + u * NT;
-        pv[u] = i < n1 * WV ? values[(tok0 + t1) * WV + i] : 0u;
+        pv[u] = i < n1 * WV ? """ + _value_word("tok0 + t1", "i") + r""" : 0u;
       }
     }
     TQ_BARRIER();
@@ -239,7 +267,7 @@ ATTENTION = r"""
           }
         }
       }
-      const float kn = (KBITS < 16 && tt < n) ? TQ_HALF_TO_FLOAT(key_norms[tok0 + t]) : 1.0f;
+      const float kn = (KBITS < 16 && tt < n) ? """ + _key_norm("tok0 + t") + r""" : 1.0f;
       TQ_UNROLL for (int r = 0; r < R; ++r) {
         float v = s[r] * kn;
         if (MASK_MODE == 1 && t > T - L + r % L) {
@@ -272,7 +300,7 @@ ATTENTION = r"""
       for (int i = lane; i < TILE; i += 32) {
         const float p = tq_exp(p_sh[i * R + r] - m_use);
         sum += p;
-        p_sh[i * R + r] = i < n ? p * TQ_HALF_TO_FLOAT(value_norms[tok0 + t0 + i]) : 0.0f;
+        p_sh[i * R + r] = i < n ? p * """ + _value_norm("tok0 + t0 + i") + r""" : 0.0f;
       }
       sum = tq_warp_sum(sum);
       if (lane == 0) {
@@ -415,7 +443,7 @@ ATTENTION_TC = r"""
   const int t_begin = split * span;
   const int t_end = t_begin + span < T ? t_begin + span : T;
   const int64_t tok0 = (int64_t)bh * cap;
-
+""" + _TOKEN_ROWS + r"""
   // The query, scaled and rotated into the keys' basis.
   {
     constexpr bool PREP_Q = true;""" + _PREPARE_QUERY + r"""  }
@@ -479,17 +507,18 @@ ATTENTION_TC = r"""
       const int t = t0 + 8 * h + g;
       TQ_UNROLL for (int i = 0; i < NWK; ++i) {
         const bool ok = t < t_end && kw0 + i < WK;
-        kx[h][i] = ok ? keys[(tok0 + t) * WK + kw0 + i] : 0u;
+        kx[h][i] = ok ? keys[(tok0 + t) * (PACKED ? PROW : WK) + kw0 + i] : 0u;
       }
     }
     TQ_UNROLL for (int j = 0; j < 4; ++j) {
       const int t = t0 + 2 * c + (j & 1) + 8 * (j >> 1);
       TQ_UNROLL for (int i = 0; i < NWV; ++i) {
         const bool ok = t < t_end && vw0 + i < WV;
-        vx[j][i] = ok ? values[(tok0 + t) * WV + vw0 + i] : 0u;
+        vx[j][i] = ok ? values[(tok0 + t) * (PACKED ? PROW : WV) + (PACKED ? WK : 0) + vw0 + i]
+                      : 0u;
       }
-      vnx[j] = t < t_end ? TQ_HALF_TO_FLOAT(value_norms[tok0 + t]) : 0.0f;
-      knx[j] = t < t_end ? TQ_HALF_TO_FLOAT(key_norms[tok0 + t]) : 0.0f;
+      vnx[j] = t < t_end ? """ + _value_norm("tok0 + t") + r""" : 0.0f;
+      knx[j] = t < t_end ? """ + _key_norm("tok0 + t") + r""" : 0.0f;
     }
   };
   load(t_begin + 16 * warp, kw, vw, kn, vn);
@@ -686,12 +715,16 @@ REDUCE = r"""
 """
 
 # Encode new keys and values in one launch: norm, rotation, Lloyd-Max code by binary
-# search over the boundaries, optional norm correction, dense packing. One block per vector
-# (blockIdx.y: 0 keys, 1 values; a grid of height 1 encodes keys only), one thread per
-# coordinate. xk / xv are [N, D] in the model's dtype InT (read as is: no cast pass); rk / rv
-# are the rotations' matrices [D, D] (y = u @ r); KBITS / VBITS with KW / VW words.
+# search over the boundaries, optional norm correction, dense packing. One thread per
+# coordinate, one block per vector: blockIdx.y 0 keys, 1 values (a grid of height 1 encodes
+# keys only), or with PACKED one block per token doing its key, then its value, into one
+# row of KW + VW + 1 words of pk (the last word holds both fp16 norms, the key's in the low
+# half; nk / pv / nv are then unused). xk / xv are [N, D] in the model's dtype InT (read as
+# is: no cast pass); rk / rv are the rotations' matrices [D, D] (y = u @ r); KBITS / VBITS
+# with KW / VW words.
 ENCODE = r"""
   constexpr int NWARPS = D / 32;
+  constexpr int PROW = KW + VW + 1;
   TQ_SHARED float u_sh[D];
   TQ_SHARED float red_sh[NWARPS];
   TQ_SHARED uint32_t c_sh[D];
@@ -699,72 +732,83 @@ ENCODE = r"""
   const int lane = e & 31;
   const int warp = e >> 5;
   const int64_t row = tq_bx;
-  const bool is_v = tq_by == 1;
-  const int BITS = is_v ? VBITS : KBITS;
-  const int W = is_v ? VW : KW;
+  uint32_t norm_bits = 0u;
+  for (int part = PACKED ? 0 : tq_by; part < (PACKED ? 2 : tq_by + 1); ++part) {
+    const bool is_v = part == 1;
+    const int BITS = is_v ? VBITS : KBITS;
+    const int W = is_v ? VW : KW;
 
-  const float xv = static_cast<float>(is_v ? xv_in[row * D + e] : xk[row * D + e]);
-  float part = tq_warp_sum(xv * xv);
-  if (lane == 0) {
-    red_sh[warp] = part;
-  }
-  TQ_BARRIER();
-  float norm2 = 0.0f;
-  TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
-    norm2 += red_sh[w];
-  }
-  const float norm = tq_sqrt(norm2);
-  u_sh[e] = xv / tq_max(norm, 1e-30f);
-  TQ_BARRIER();
-  float y = 0.0f;
-  for (int j = 0; j < D; ++j) {
-    y += u_sh[j] * (is_v ? rv[j * D + e] : rk[j * D + e]);
-  }
-  int code = 0;
-  for (int bit = BITS - 1; bit >= 0; --bit) {
-    const int cand = code + (1 << bit);
-    if (y >= (is_v ? bv[cand - 1] : bk[cand - 1])) {
-      code = cand;
-    }
-  }
-  c_sh[e] = (uint32_t)code;
-
-  float stored = norm;
-  if (NORM_CORR) {
-    const float cv = is_v ? cv_in[code] : ck[code];
-    part = tq_warp_sum(cv * cv);
+    const float xv = static_cast<float>(is_v ? xv_in[row * D + e] : xk[row * D + e]);
+    float part_sum = tq_warp_sum(xv * xv);
     if (lane == 0) {
-      red_sh[warp] = part;  // safe: every thread read red_sh before the last barrier
+      red_sh[warp] = part_sum;
     }
     TQ_BARRIER();
-    float c2 = 0.0f;
+    float norm2 = 0.0f;
     TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
-      c2 += red_sh[w];
+      norm2 += red_sh[w];
     }
-    stored = norm / tq_max(tq_sqrt(c2), 1e-30f);
+    const float norm = tq_sqrt(norm2);
+    u_sh[e] = xv / tq_max(norm, 1e-30f);
+    TQ_BARRIER();
+    float y = 0.0f;
+    for (int j = 0; j < D; ++j) {
+      y += u_sh[j] * (is_v ? rv[j * D + e] : rk[j * D + e]);
+    }
+    int code = 0;
+    for (int bit = BITS - 1; bit >= 0; --bit) {
+      const int cand = code + (1 << bit);
+      if (y >= (is_v ? bv[cand - 1] : bk[cand - 1])) {
+        code = cand;
+      }
+    }
+    c_sh[e] = (uint32_t)code;
+
+    float stored = norm;
+    if (NORM_CORR) {
+      const float cv = is_v ? cv_in[code] : ck[code];
+      part_sum = tq_warp_sum(cv * cv);
+      if (lane == 0) {
+        red_sh[warp] = part_sum;  // safe: every thread read red_sh before the last barrier
+      }
+      TQ_BARRIER();
+      float c2 = 0.0f;
+      TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+        c2 += red_sh[w];
+      }
+      stored = norm / tq_max(tq_sqrt(c2), 1e-30f);
+    }
+    stored = stored < 65504.0f ? stored : 65504.0f;  // fp16 overflows above 65504
+    TQ_BARRIER();
+    if (e < W) {
+      uint32_t word = 0;
+      const int first = (e * 32) / BITS;
+      const int last = (e * 32 + 31) / BITS;
+      for (int j = first; j <= last && j < D; ++j) {
+        const int shift = j * BITS - e * 32;
+        word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
+      }
+      if (PACKED) {
+        pk[row * PROW + (is_v ? KW : 0) + e] = word;
+      } else if (is_v) {
+        pv[row * W + e] = word;
+      } else {
+        pk[row * W + e] = word;
+      }
+    }
+    if (e == 0) {
+      if (PACKED) {
+        norm_bits |= tq_half_word(stored) << (is_v ? 16 : 0);
+      } else if (is_v) {
+        nv[row] = TQ_TO_HALF(stored);
+      } else {
+        nk[row] = TQ_TO_HALF(stored);
+      }
+    }
+    TQ_BARRIER();  // the value pass reuses u_sh, red_sh and c_sh
   }
-  stored = stored < 65504.0f ? stored : 65504.0f;  // fp16 overflows above 65504
-  TQ_BARRIER();
-  if (e < W) {
-    uint32_t word = 0;
-    const int first = (e * 32) / BITS;
-    const int last = (e * 32 + 31) / BITS;
-    for (int j = first; j <= last && j < D; ++j) {
-      const int shift = j * BITS - e * 32;
-      word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
-    }
-    if (is_v) {
-      pv[row * W + e] = word;
-    } else {
-      pk[row * W + e] = word;
-    }
-  }
-  if (e == 0) {
-    if (is_v) {
-      nv[row] = TQ_TO_HALF(stored);
-    } else {
-      nk[row] = TQ_TO_HALF(stored);
-    }
+  if (PACKED && e == 0) {
+    pk[row * PROW + KW + VW] = norm_bits;
   }
 """
 

@@ -76,6 +76,7 @@ inline float tq_as_float(int bits) {
   return f;
 }
 inline float tq_half_bits(uint32_t h) { return tq_emu_h2f(tq_half{(uint16_t)h}); }
+inline uint32_t tq_half_word(float x) { return tq_emu_f2h(x).bits; }
 inline float tq_bf16_bits(uint32_t h) {
   uint32_t b = h << 16;
   float f;
