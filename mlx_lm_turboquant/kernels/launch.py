@@ -278,7 +278,8 @@ def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads,
     BH = B * n_kv_heads
     q_in = q_dtype if plan.Q_SH else mx.float32
     template = tuple(plan.template(q_in, scale, mode, mb, mh, ml))
-    graph = _attention_graph(kernel, op, plan, template, BH, has_sinks, q_dtype, compiled)
+    graph = _attention_graph(kernel, op, plan, template, (B, n_q_heads, L, D), has_sinks,
+                             q_dtype, compiled)  # fmt: skip
     if key_codec is None:
         rot = kcent = _dummy()
     else:
@@ -338,15 +339,16 @@ def decode_attention(
         setup.vcent, _dummy() if mask_arr is None else mask_arr, device_tokens(cache), meta,
         _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t, n_splits,
     )  # fmt: skip
-    return out.reshape(B, n_q_heads, L, D)
+    return out
 
 
 @lru_cache(maxsize=None)
-def _attention_graph(kernel, op, plan, template, BH, has_sinks, out_dtype, compiled):
+def _attention_graph(kernel, op, plan, template, out_shape, has_sinks, out_dtype, compiled):
     """The two launches of one attention configuration as a function of arrays only (so a
     compiled graph can never bake in one layer's rotation or one step's token count)."""
     attn, reduce = kernel(op), kernel("reduce")
     R, D = plan.R, plan.D
+    BH = out_shape[0] * out_shape[1] // plan.NREP  # batch x KV heads
     reduce_template = [("D", D), ("R", R), ("L", plan.L), ("NREP", plan.NREP),
                        ("HAS_SINKS", has_sinks), ("OutT", out_dtype)]  # fmt: skip
 
@@ -365,7 +367,7 @@ def _attention_graph(kernel, op, plan, template, BH, has_sinks, out_dtype, compi
             template=reduce_template,
             grid=(BH * R * D, 1, 1),
             threadgroup=(D, 1, 1),
-            output_shapes=[(BH * R, D)],
+            output_shapes=[out_shape],  # rows (batch, KV head, rep, query) = [B, H_q, L, D]
             output_dtypes=[out_dtype],
         )
         return out
