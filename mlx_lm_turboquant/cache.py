@@ -176,12 +176,13 @@ class TurboQuantKVCache(_BaseCache):
     value_norms = _stored(3, "_value_norms")
     del _stored
 
+    def _rows_format(self) -> bool:
+        """Whether this cache's class and format may keep token rows (plain code keys)."""
+        return self.packs_rows and self.plain and self.scheme.key_bits > 0
+
     def _keeps_rows(self) -> bool:
         """Whether updates go to ``packed``: already there, or a new cache that may."""
-        if self.packed is not None:
-            return True
-        return (self.packs_rows and self._values is None and self.plain
-                and self.scheme.key_bits > 0)  # fmt: skip
+        return self.packed is not None or (self._values is None and self._rows_format())
 
     # -- codecs -----------------------------------------------------------------
 
@@ -525,8 +526,7 @@ class TurboQuantKVCache(_BaseCache):
 
     def _pack_rows(self):
         """Keep a loaded plain cache as token rows too (decode then updates one buffer)."""
-        if self.packed is None and self._values is not None and self.packs_rows \
-                and self.plain and self.scheme.key_bits > 0:  # fmt: skip
+        if self.packed is None and self._values is not None and self._rows_format():
             rows = token_rows(self._keys, self._key_norms, self._values, self._value_norms)
             self._keys = self._key_norms = self._values = self._value_norms = None
             self.packed = rows

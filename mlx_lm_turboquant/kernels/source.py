@@ -53,11 +53,25 @@ _PREPARE_QUERY = r"""
     }
 """
 
-# Where a token's data lives, for both attention kernels: four arrays (keys of WK words,
+# Which tokens a block of either attention kernel reads: its (batch, KV head) bh and its
+# span [t_begin, t_end) of the T tokens, from pos = [T] and meta = [capacity, span,
+# n_splits, n_kv_heads]. Where a token's data lives: four arrays (keys of WK words,
 # key_norms, values of WV words, value_norms), or with PACKED one row of PROW words per
 # token, passed as both `keys` and `values`: key codes, value codes, then one word holding
 # both fp16 norms (the key's in the low half). One row means one slice update per step.
-_TOKEN_ROWS = r"""
+_BLOCK_SPAN = r"""
+  const int T = pos[0];
+  const int cap = meta[0];
+  const int span = meta[1];
+  const int n_splits = meta[2];
+  const int n_kv_heads = meta[3];
+  const int split = tq_bx;
+  const int bh = tq_by;
+  const int b = bh / n_kv_heads;
+  const int kvh = bh - b * n_kv_heads;
+  const int t_begin = split * span;
+  const int t_end = t_begin + span < T ? t_begin + span : T;
+  const int64_t tok0 = (int64_t)bh * cap;
   constexpr int PROW = WK + WV + 1;
 """
 
@@ -132,19 +146,7 @@ ATTENTION = r"""
 
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
-  const int T = pos[0];
-  const int cap = meta[0];
-  const int span = meta[1];
-  const int n_splits = meta[2];
-  const int n_kv_heads = meta[3];
-  const int split = tq_bx;
-  const int bh = tq_by;
-  const int b = bh / n_kv_heads;
-  const int kvh = bh - b * n_kv_heads;
-  const int t_begin = split * span;
-  const int t_end = t_begin + span < T ? t_begin + span : T;
-  const int64_t tok0 = (int64_t)bh * cap;
-""" + _TOKEN_ROWS + r"""
+""" + _BLOCK_SPAN + r"""
   if (Q_SH) {""" + _PREPARE_QUERY + r"""  }
   for (int i = tq_tid; i < NKC * KREP; i += NT) {
     kc_sh[i] = kcent[i / KREP];
@@ -431,19 +433,7 @@ ATTENTION_TC = r"""
   const int warp = tq_tid >> 5;
   const int g = lane >> 2;
   const int c = lane & 3;
-  const int T = pos[0];
-  const int cap = meta[0];
-  const int span = meta[1];
-  const int n_splits = meta[2];
-  const int n_kv_heads = meta[3];
-  const int split = tq_bx;
-  const int bh = tq_by;
-  const int b = bh / n_kv_heads;
-  const int kvh = bh - b * n_kv_heads;
-  const int t_begin = split * span;
-  const int t_end = t_begin + span < T ? t_begin + span : T;
-  const int64_t tok0 = (int64_t)bh * cap;
-""" + _TOKEN_ROWS + r"""
+""" + _BLOCK_SPAN + r"""
   // The query, scaled and rotated into the keys' basis.
   {
     constexpr bool PREP_Q = true;""" + _PREPARE_QUERY + r"""  }
