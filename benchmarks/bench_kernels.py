@@ -49,6 +49,8 @@ def setup_arg_parser():
     p.add_argument("--sweep-blocks", type=int, nargs="*", default=[],
                    help="also time turbo4 at every context for these TARGET_BLOCKS")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--merge", nargs="+", metavar="BENCH_JSON",
+                   help="only merge these runs' end-to-end rows into one JSON and plot")
     return p
 
 
@@ -140,19 +142,25 @@ def kernel_bench(contexts, schemes, baselines=True):
 @contextlib.contextmanager
 def _kernel_variant(name):
     """``scheme:portable`` measures the portable kernel where CUDA's tensor-core one would
-    run; ``scheme:apart`` caches that keep four arrays instead of token rows."""
+    run; ``scheme:apart`` caches that keep four arrays instead of token rows;
+    ``scheme:uncompiled`` the CUDA launches built per call instead of replayed from
+    ``mx.compile`` graphs."""
+    from mlx_lm_turboquant.kernels import cuda
+
     variant = name.split(":")[1] if ":" in name else ""
-    if variant not in ("", "portable", "apart"):
+    if variant not in ("", "portable", "apart", "uncompiled"):
         raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; "
-                         "allowed: portable, apart")  # fmt: skip
+                         "allowed: portable, apart, uncompiled")  # fmt: skip
     old = os.environ.get(TENSOR_CORES_ENV)
     if variant == "portable":
         os.environ[TENSOR_CORES_ENV] = "0"
     TurboQuantKVCache.packs_rows = variant != "apart"
+    cuda.COMPILED = variant != "uncompiled"
     try:
         yield
     finally:
         TurboQuantKVCache.packs_rows = True
+        cuda.COMPILED = True
         os.environ.pop(TENSOR_CORES_ENV, None)
         if old is not None:
             os.environ[TENSOR_CORES_ENV] = old
@@ -199,9 +207,10 @@ def _fill(model, kind, T):
     return cache
 
 
-def decode_rate(model, cache, steps, rounds=3):
-    """Decode tok/s (median of ``rounds``), pipelined like mlx-lm's generate_step (async_eval
-    one step ahead), the host time per step spent building the graph, and peak memory."""
+def decode_rate(model, cache, steps):
+    """One round: decode tok/s pipelined like mlx-lm's generate_step (async_eval one step
+    ahead) and the host time per step spent building the graph. The cache is trimmed back
+    to its length afterwards."""
     host = [0.0]
 
     def step(y):
@@ -215,25 +224,20 @@ def decode_rate(model, cache, steps, rounds=3):
     for _ in range(3):  # warm-up: kernel builds, allocator
         y = step(y)
         mx.eval(y)
-    mx.reset_peak_memory()
-    rates, hosts = [], []
-    for _ in range(rounds):
-        host[0] = 0.0
-        mx.synchronize()
-        t0 = time.perf_counter()
-        nxt = step(y)
+    host[0] = 0.0
+    mx.synchronize()
+    t0 = time.perf_counter()
+    nxt = step(y)
+    mx.async_eval(nxt)
+    for _ in range(steps - 1):
+        y, nxt = nxt, step(nxt)
         mx.async_eval(nxt)
-        for _ in range(steps - 1):
-            y, nxt = nxt, step(nxt)
-            mx.async_eval(nxt)
-            y.item()
-        nxt.item()
-        y = nxt
-        rates.append(steps / (time.perf_counter() - t0))
-        hosts.append(host[0] / steps)
-        for c in cache:  # back to the same context length for the next round
-            c.trim(steps)
-    return statistics.median(rates), statistics.median(hosts), mx.get_peak_memory()
+        y.item()
+    nxt.item()
+    rate = steps / (time.perf_counter() - t0)
+    for c in cache:  # back to the same context length for the next round
+        c.trim(steps + 4)
+    return rate, host[0] / steps
 
 
 def encode_cost(cache, repeats=10):
@@ -254,69 +258,141 @@ def encode_cost(cache, repeats=10):
     return statistics.median(samples[2:])
 
 
-def e2e_bench(contexts, schemes, steps):
+def e2e_bench(contexts, schemes, steps, rounds=5):
+    """Every cache of a context stays in memory and the rounds alternate between them
+    (fp16, scheme, scheme, ..., fp16, ...), so a drift of the machine over the run (clocks,
+    other tenants) reaches each one alike; a ratio to fp16 is the median of the rounds'
+    ratios."""
     model = llama8b()
     rows = []
     for T in contexts:
-        row = {"context": T}
-        for kind in ["fp16"] + list(schemes):
+        row, caches = {"context": T}, {}
+        kinds = ["fp16"] + list(schemes)
+        for kind in kinds:
             try:
                 with _kernel_variant(kind):
-                    cache = _fill(model, kind.split(":")[0], T)
-                    tps, host, peak = decode_rate(model, cache, steps)
-                    enc = encode_cost(cache)
-                row[kind] = {"tok_s": tps, "host_ms_per_step": host * 1e3, "peak_GB": peak / 1e9,
-                             "encode_ms": enc * 1e3, "encode_share": enc * tps}  # fmt: skip
+                    caches[kind] = _fill(model, kind.split(":")[0], T)
             except Exception as err:
                 row[kind] = {"error": f"{type(err).__name__}: {err}"[:200]}
-            cache = None
-            mx.clear_cache()
+        rates = {k: [] for k in caches}
+        hosts = {k: [] for k in caches}
+        peaks = {k: 0 for k in caches}
+        for _ in range(rounds):
+            for kind in list(caches):
+                try:
+                    mx.reset_peak_memory()
+                    with _kernel_variant(kind):
+                        rate, host = decode_rate(model, caches[kind], steps)
+                    rates[kind].append(rate)
+                    hosts[kind].append(host)
+                    # Peak with this cache alone: the other caches' bytes sat idle in memory.
+                    others = sum(_nbytes(c) for k in caches if k != kind for c in caches[k])
+                    peaks[kind] = max(peaks[kind], mx.get_peak_memory() - others)
+                except Exception as err:
+                    row[kind] = {"error": f"{type(err).__name__}: {err}"[:200]}
+                    del caches[kind]
+        for kind in caches:
+            held = sum(_nbytes(c) for c in caches[kind])
+            with _kernel_variant(kind):
+                enc = encode_cost(caches[kind])
+            tps = statistics.median(rates[kind])
+            ratios = [r / f for r, f in zip(rates[kind], rates.get("fp16", []))]
+            row[kind] = {"tok_s": tps, "tok_s_rounds": rates[kind],
+                         "host_ms_per_step": statistics.median(hosts[kind]) * 1e3,
+                         "kv_GB": held / 1e9, "peak_GB": peaks[kind] / 1e9,
+                         "encode_ms": enc * 1e3, "encode_share": enc * tps,
+                         "vs_fp16": statistics.median(ratios) if ratios else None}  # fmt: skip
+        caches = None
+        mx.clear_cache()
         rows.append(row)
-        fp = row["fp16"].get("tok_s", float("nan"))
         line = [f"{T:>6}"] + [
-            f"{k} {r['tok_s']:.1f} tok/s host {r['host_ms_per_step']:.1f} ms {r['peak_GB']:.1f} GB "
-            f"enc {r['encode_ms']:.2f} ms"
-            + ("" if k == "fp16" else f" {r['tok_s'] / fp:.2f}x")
+            f"{k} {r['tok_s']:.1f} tok/s host {r['host_ms_per_step']:.1f} ms "
+            f"KV {r['kv_GB']:.2f} GB peak {r['peak_GB']:.1f} GB enc {r['encode_ms']:.2f} ms"
+            + ("" if k == "fp16" else f" {r['vs_fp16']:.2f}x")
             if "tok_s" in r else f"{k} ERROR {r['error']}"
-            for k, r in row.items() if k != "context"
+            for k, r in row.items() if k in kinds
         ]  # fmt: skip
         print(" | ".join(line), flush=True)
     return rows
 
 
+def _nbytes(cache):
+    return cache.nbytes if hasattr(cache, "buffers") else cache.keys.nbytes + cache.values.nbytes
+
+
 def plot(result, path):
+    """Kernel times against context (when measured) and end-to-end decode: tok/s, and each
+    scheme's ratio to fp16 (median of the alternating rounds) with the 1.0 line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if result.get("e2e") else 1, figsize=(13, 4.5), squeeze=False)
-    ax = axes[0][0]
-    rows = result["kernels"]
-    xs = [r["context"] for r in rows]
-    for name in ["fp16_sdpa", "mlx_lm_affine4"] + result["schemes"]:
-        ys = [r[name]["ms"] if "ms" in r.get(name, {}) else None for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], marker="o", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode attention",
-           title=f"B=1, 32 q / 8 kv heads, D=128 ({result['device']})")  # fmt: skip
-    ax.legend(fontsize=8)
-    if result.get("e2e"):
-        ax = axes[0][1]
+    panels = (["kernels"] if result.get("kernels") else []) + (["e2e"] if result.get("e2e") else [])
+    n = len(panels) + (1 if "e2e" in panels else 0)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
+    axes = list(axes[0])
+    if "kernels" in panels:
+        ax = axes.pop(0)
+        rows = result["kernels"]
+        xs = [r["context"] for r in rows]
+        for name in ["fp16_sdpa", "mlx_lm_affine4"] + result["schemes"]:
+            ys = [r[name]["ms"] if "ms" in r.get(name, {}) else None for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], marker="o",
+                        label=name)  # fmt: skip
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)",
+               ylabel="ms per decode attention",
+               title=f"B=1, 32 q / 8 kv heads, D=128 ({result['device']})")  # fmt: skip
+        ax.legend(fontsize=8)
+    if "e2e" in panels:
         rows = result["e2e"]
         xs = [r["context"] for r in rows]
-        for name in ["fp16"] + result["e2e_schemes"]:
-            ys = [r[name].get("tok_s") for r in rows]
-            ax.plot(xs, ys, marker="o", label=name)
-        ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode tok/s",
-               title="Llama-3-8B shape, random 4-bit weights")  # fmt: skip
-        ax.legend(fontsize=8)
+        rate_ax, ratio_ax = axes
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, name in enumerate(["fp16"] + result["e2e_schemes"]):
+            pts = [(x, r[name]) for x, r in zip(xs, rows) if "tok_s" in r.get(name, {})]
+            style = dict(marker="o", label=name, color=colors[i % len(colors)])
+            rate_ax.plot([x for x, _ in pts], [v["tok_s"] for _, v in pts], **style)
+            if name != "fp16":
+                ratio_ax.plot([x for x, _ in pts], [v["vs_fp16"] for _, v in pts], **style)
+        runs = result.get("merged_runs", 1)
+        rate_ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode tok/s",
+                    title="Llama-3-8B shape, random 4-bit weights, B=1"
+                    + (f" ({runs} runs: hosts differ)" if runs > 1 else ""))  # fmt: skip
+        ratio_ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ratio_ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode tok/s / fp16",
+                     title="against the fp16 cache in the same run (rounds alternate)")  # fmt: skip
+        rate_ax.legend(fontsize=8)
+        ratio_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def merge_e2e(paths):
+    """One result from several runs' bench.json (their end-to-end rows, by context)."""
+    merged = None
+    for p in paths:
+        result = json.loads(Path(p).read_text())
+        if merged is None:
+            merged = dict(result, kernels=[], e2e=[])
+        common = [s for s in merged["e2e_schemes"] if s in result["e2e_schemes"]]
+        merged["e2e_schemes"] = common
+        merged["e2e"].extend(result.get("e2e", []))
+    merged["e2e"].sort(key=lambda r: r["context"])
+    merged["merged_runs"] = len(paths)
+    return merged
+
+
 def main():
     args = setup_arg_parser().parse_args()
+    if args.merge:
+        out = Path(args.out)
+        result = merge_e2e(args.merge)
+        (out / "e2e_merged.json").write_text(json.dumps(result, indent=1))
+        plot(result, out / "e2e_merged.png")
+        print(f"wrote {out / 'e2e_merged.json'} and {out / 'e2e_merged.png'}")
+        return
     mlx_lm_turboquant.activate()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -350,7 +426,7 @@ def main():
     if not args.skip_e2e:
         result["e2e"] = e2e_bench(args.e2e_contexts, args.e2e_schemes, args.decode_steps)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
-    if result["kernels"]:
+    if result["kernels"] or result.get("e2e"):
         plot(result, out / "bench.png")
 
 

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import KVCache
 
 import mlx_lm_turboquant
 from mlx_lm_turboquant import TurboQuantKVCache, turboquant_sdpa
+from mlx_lm_turboquant.kernels import cuda
 
 LAYERS, H_Q, H_KV, D = 32, 32, 8, 128
 
@@ -60,7 +61,7 @@ def make_variants(T):
     mx.eval(big)
 
     def kv_of(x):  # the new token's keys and values, from the last layer's output
-        kv = x.reshape(1, H_KV, 4, D)[:, :, :1]
+        kv = x[:, :H_KV]  # row-contiguous, as a model's keys after RoPE (no copy at launch)
         return kv, kv
 
     def fp16_layer(i, x):
@@ -77,6 +78,16 @@ def make_variants(T):
         k, v = kv_of(x)
         tq_apart[i].update_and_fetch(k, v)
         return turboquant_sdpa(x, tq_apart[i], D**-0.5)
+
+    def uncompiled(layer):  # the CUDA launches built per call, not replayed from mx.compile
+        def run(i, x):
+            cuda.COMPILED = False
+            try:
+                return layer(i, x)
+            finally:
+                cuda.COMPILED = True
+
+        return run
 
     def tq_update_only(i, x):
         k, v = kv_of(x)
@@ -128,8 +139,10 @@ def make_variants(T):
         "fp16 layer (update + sdpa)": (fp16_layer, trims),
         "turbo4 layer (update + attention)": (tq_layer, trims),
         "turbo4 layer, four arrays": (tq_apart_layer, trims),
+        "turbo4 layer, not compiled": (uncompiled(tq_layer), trims),
         "fp16 update only": (fp16_update_only, trims),
         "turbo4 update only": (tq_update_only, trims),
+        "turbo4 update only, not compiled": (uncompiled(tq_update_only), trims),
         "fp16 sdpa only": (fp16_attention_only, None),
         "turbo4 attention only": (tq_attention_only, None),
         "1 trivial custom kernel": (copies(1), None),
@@ -139,6 +152,60 @@ def make_variants(T):
         "1 slice update": (slice_updates(1), None),
         "4 slice updates": (slice_updates(4), None),
     }
+
+
+def call_costs(T, calls=400):
+    """Host microseconds to build one call of each piece (graph building only, no eval): the
+    costs that add up to a layer's build time, one by one."""
+    from mlx_lm_turboquant.kernels import launch
+
+    c = TurboQuantKVCache("turbo4", layer_index=1)
+    f = KVCache()
+    k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
+    c.update_and_fetch(k, k)
+    f.update_and_fetch(k, k)
+    q = mx.random.normal((1, H_Q, 1, D)).astype(mx.bfloat16)
+    kv = q[:, :H_KV]
+    mx.eval(c.buffers(), f.keys, f.values, q)
+    kc, vc = c.key_codec, c.value_codec
+    kern = cuda.kernel
+
+    def fp16_update():
+        f.update_and_fetch(kv, kv)
+        f.trim(1)
+
+    def tq_update():
+        c.update_and_fetch(kv, kv)
+        c.trim(1)
+
+    pieces = {
+        "add": lambda: q + 1,
+        "trivial custom kernel": lambda: run_copy(q),
+        "fp16 sdpa": lambda: mx.fast.scaled_dot_product_attention(q, f.keys[:, :, :T],
+                                                                  f.values[:, :, :T], scale=0.1),
+        "fp16 update_and_fetch": fp16_update,
+        "turbo4 update_and_fetch": tq_update,
+        "turboquant_sdpa": lambda: turboquant_sdpa(q, c, 0.1),
+        "launch.decode_attention compiled": lambda: launch.decode_attention(
+            kern, cuda.SHARED_BYTES, q, c, 0.1, compiled=True),
+        "launch.decode_attention plain": lambda: launch.decode_attention(
+            kern, cuda.SHARED_BYTES, q, c, 0.1, compiled=False),
+        "kernels.encode_rows": lambda: mlx_lm_turboquant.kernels.encode_rows(kc, kv, vc, kv),
+        "launch.encode_rows compiled": lambda: launch.encode_rows(kern, kc, kv, vc, kv, True),
+        "launch.encode_rows plain": lambda: launch.encode_rows(kern, kc, kv, vc, kv, False),
+    }  # fmt: skip
+    rows = []
+    for name, fn in pieces.items():
+        out = fn()
+        mx.eval(out if out is not None else [])  # builds, compiles
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        us = (time.perf_counter() - t0) / calls * 1e6
+        mx.eval(c.buffers(), f.keys, f.values)
+        rows.append({"piece": name, "build_us": us, "context": T})
+        print(f"T={T:<6} build one call: {name:<36} {us:6.1f} us", flush=True)
+    return rows
 
 
 def measure(layer, after, steps=64, rounds=3):
@@ -206,6 +273,8 @@ def main():
     mlx_lm_turboquant.activate()
     result = {"device": str(mx.default_device()), "layers": LAYERS, "rows": []}
     for T in args.context:
+        if mx.cuda.is_available():
+            result.setdefault("calls", []).extend(call_costs(T))
         variants = make_variants(T)
         if args.profile:
             profile(*variants[args.profile])

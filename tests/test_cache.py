@@ -1,4 +1,5 @@
 import copy
+import types
 
 import mlx.core as mx
 import numpy as np
@@ -219,7 +220,8 @@ def test_recent_window_is_read_uncompressed_and_survives_trim_and_files(tmp_path
     np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6)
     # No fused kernel reads a window: dispatch declines before looking for one.
     with monkeypatch.context() as m:
-        m.setattr(kernels, "get_op", lambda op: lambda *a, **k: 1 / 0)
+        boom = types.SimpleNamespace(NAME="fake", decode_attention=lambda *a, **k: 1 / 0)
+        m.setattr(kernels, "active_backend", lambda: boom)
         assert kernels.run("decode_attention", q, c, 0.1) is None
     c.trim(5)
     assert c.recent_keys.shape[2] == 11 and c.offset == 37

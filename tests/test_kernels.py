@@ -9,7 +9,7 @@ import copy
 import shutil
 import types
 import warnings
-from functools import partial
+from functools import lru_cache, partial
 
 import mlx.core as mx
 import pytest
@@ -101,6 +101,35 @@ def test_failing_kernel_falls_back_with_one_warning(monkeypatch):
         again = kernels.encode(codec, x)
     ref = codec.encode(x)
     assert mx.array_equal(packed, ref[0]) and mx.array_equal(again[1], ref[1])
+
+
+def test_a_configurations_first_call_is_evaluated_in_the_guard(monkeypatch):
+    """mlx builds a kernel lazily, so the first call of each kernel configuration is evaluated
+    where a failure can still fall back; later calls of it stay lazy."""
+
+    def stub_kernel(op):  # a launch that yields zeros of the requested outputs
+        return lambda inputs, template, grid, threadgroup, output_shapes, output_dtypes: [
+            mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+
+    kernel = lru_cache(maxsize=None)(stub_kernel)
+    cache, keys, values = _cache("turbo4")
+    _fake_backend(monkeypatch, decode_attention=partial(launch.decode_attention, kernel, 48 << 10),
+                  encode_kv=partial(launch.encode_kv, kernel))  # fmt: skip
+    evaluated, real_eval = [], mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: evaluated.append(len(a)) or real_eval(*a))
+    one, two = mx.random.normal((1, 4, 1, 64)), mx.random.normal((1, 4, 2, 64))
+    kc, vc = cache.key_codec, cache.value_codec
+    calls = [("decode_attention", one, cache, 0.125), ("decode_attention", one, cache, 0.125),
+             ("decode_attention", two, cache, 0.125), ("encode_kv", kc, keys, vc, values),
+             ("encode_kv", kc, keys, vc, values), ("decode_attention", one, cache, 0.125)]
+    counts = []
+    for op, *args in calls:
+        assert kernels.run(op, *args) is not None
+        counts.append(len(evaluated))
+    assert counts == [1, 1, 2, 3, 3, 3]
+    kernels.reset()  # forgets the set-ups: evaluated again
+    kernels.run("decode_attention", one, cache, 0.125)
+    assert len(evaluated) == 4
 
 
 def test_uncovered_shapes_take_the_reference_path_silently(monkeypatch):

@@ -179,9 +179,9 @@ def test_dispatch_uses_the_fused_kernels():
 
 
 def test_decode_steps_and_compiled_attention_track_the_cache():
-    """Decode steps across a growth of the buffers: the steps write what one encode of all
-    tokens writes, and the compiled attention (with the token count kept on the device)
-    equals the plain launches."""
+    """Decode steps across a growth of the buffers: the steps (their encode replayed from a
+    compiled graph) write what one plain encode of all tokens writes, and the compiled
+    attention (with the token count kept on the device) equals the plain launches."""
     from mlx_lm_turboquant.kernels import launch
 
     mx.random.seed(SEED)

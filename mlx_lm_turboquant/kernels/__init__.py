@@ -8,8 +8,8 @@ Dispatch rule, one place for every op:
     multiple of 32) take the pure-MLX path silently: that is by design, not a failure.
   * A kernel that fails to build or run is switched off for the process and the op takes the
     pure-MLX path, with exactly one ``RuntimeWarning`` per (backend, op). mlx builds a kernel
-    lazily, so the first call of each kernel configuration is evaluated eagerly inside the
-    guard; later calls stay lazy.
+    lazily, so the first call of each kernel configuration (a new entry in ``launch``'s
+    memoized set-ups) is evaluated eagerly inside the guard; later calls stay lazy.
 """
 
 import importlib
@@ -19,6 +19,7 @@ import warnings
 import mlx.core as mx
 
 from ..codec.packing import token_rows
+from . import launch
 
 ENV = "MLX_TQ_KERNELS"
 CHOICES = ("auto", "reference", "cuda", "metal")
@@ -26,7 +27,6 @@ BACKENDS = ("cuda", "metal")
 OPS = ("decode_attention", "encode", "encode_kv", "encode_rows")
 
 _disabled = set()  # (backend, op) that failed once
-_checked = set()  # (backend, op, configuration) already run eagerly once
 
 
 def choice() -> str:
@@ -69,39 +69,22 @@ def get_op(op: str):
     return getattr(module, op)
 
 
-def _config_key(args):
-    """What decides the compiled kernel: shapes and dtypes of array arguments (a mask's
-    length, which grows every step, left out), the cache's format, other values."""
-    parts = []
-    for a in args:
-        if isinstance(a, mx.array):
-            parts.append((tuple(a.shape[:-1]), a.shape[-1] == 1, str(a.dtype)))
-        elif hasattr(a, "scheme"):  # a cache: its format and layout, not its length
-            rows = getattr(a, "packed", None)
-            heads = (a.values if rows is None else rows).shape[1]
-            parts.append((a.scheme.name, a.k_dim, a.v_dim, str(a.dtype), heads, rows is None))
-        elif hasattr(a, "bits"):  # a codec
-            parts.append((a.dim, a.bits, a.norm_correction))
-        elif isinstance(a, (str, type(None), int, float, bool)):
-            parts.append(a)
-        else:
-            parts.append(type(a).__name__)
-    return tuple(parts)
-
-
 def run(op: str, *args, **kwargs):
     """Run the fused ``op`` and return its result, or None where the caller should take the
     pure-MLX path (no backend, shapes not covered, or the kernel failed: one warning)."""
-    fn = get_op(op)
-    if fn is None or not all(getattr(a, "plain", True) for a in args):  # prod / split formats
+    if not all(getattr(a, "plain", True) for a in args):  # prod / split / window formats
         return None
-    backend = active_backend().NAME
-    key = (backend, op, _config_key(args + tuple(kwargs.values())))
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; allowed: {', '.join(OPS)}")
+    module = active_backend()
+    if module is None or (module.NAME, op) in _disabled:
+        return None
+    backend = module.NAME
+    built = launch.builds
     try:
-        result = fn(*args, **kwargs)
-        if result is not None and key not in _checked:
+        result = getattr(module, op)(*args, **kwargs)
+        if result is not None and launch.builds != built:  # a configuration's first call
             mx.eval(result)
-            _checked.add(key)
         return result
     except Exception as err:  # a build or launch failure on this machine
         _disabled.add((backend, op))
@@ -115,10 +98,11 @@ def run(op: str, *args, **kwargs):
 
 
 def reset():
-    """Forget failures and checked configurations (tests, or after changing ``MLX_TQ_KERNELS``)."""
+    """Forget failures and set-up configurations (tests, or after changing
+    ``MLX_TQ_KERNELS``): the next call of each configuration is evaluated eagerly again."""
     _disabled.clear()
-    _checked.clear()
     _resolved.clear()
+    launch.forget_configurations()
 
 
 def encode(codec, x):

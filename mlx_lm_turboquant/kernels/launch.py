@@ -5,6 +5,7 @@
 the pure-MLX path), never a wrong answer.
 """
 
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -201,6 +202,20 @@ def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks):
     return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
 
 
+builds = 0  # kernel configurations set up so far; kernels.run evaluates a new one eagerly
+
+
+def _count_build():
+    global builds
+    builds += 1
+
+
+def forget_configurations():
+    """Drop the memoized set-ups, so each configuration counts as new again."""
+    _launch.cache_clear()
+    _encode_graph.cache_clear()
+
+
 _TOKEN_COUNTS = {}  # token count -> int32 [1] device array, shared by every layer and cache
 _MAX_TOKEN_COUNTS = 64
 
@@ -268,6 +283,7 @@ def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, 
 def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads, B, n_q_heads,
             L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled, tensor_cores,
             packed):  # fmt: skip
+    _count_build()
     if kernel("reduce") is None or n_q_heads % n_kv_heads:
         return None
     n_rep = n_q_heads // n_kv_heads
@@ -383,15 +399,16 @@ def _rows(x):
     return x
 
 
-def encode_kv(kernel, key_codec, keys, value_codec, values, rows=False):
+def encode_kv(kernel, key_codec, keys, value_codec, values, rows=False, compiled=False):
     """Fused twin of ``key_codec.encode(keys)`` and ``value_codec.encode(values)`` in one
     launch: ``(packed_k, norms_k, packed_v, norms_v)``, or None where it does not apply.
     With ``values`` None only the keys are encoded (and the last two items are None). With
-    ``rows`` the result is one array of token rows instead (see :func:`encode_rows`)."""
+    ``rows`` the result is one array of token rows instead (see :func:`encode_rows`). With
+    ``compiled`` a decode-sized launch (at most MAX_QUERIES tokens per head) is replayed
+    from an ``mx.compile`` graph."""
     *lead, D = keys.shape
-    k = kernel("encode")
     pair = values is not None
-    if k is None or D % 32 or not 32 <= D <= 1024 or D != key_codec.dim:
+    if kernel("encode") is None or D % 32 or not 32 <= D <= 1024 or D != key_codec.dim:
         return None
     if pair and (
         tuple(values.shape) != tuple(keys.shape)
@@ -403,37 +420,55 @@ def encode_kv(kernel, key_codec, keys, value_codec, values, rows=False):
     xk = _rows(keys)
     vc = value_codec if pair else key_codec
     xv = _rows(values) if pair else xk
-    N = keys.size // D
-    v_lead = lead if pair and not rows else [1]
-    row_words = key_codec.words + vc.words + 1
-    out = k(
-        inputs=[xk, xv, key_codec.rotation.matrix, vc.rotation.matrix, key_codec.boundaries,
-                vc.boundaries, key_codec.centroids, vc.centroids],
-        template=[("D", D), ("KBITS", key_codec.bits), ("KW", key_codec.words),
-                  ("VBITS", vc.bits), ("VW", vc.words),
-                  ("NORM_CORR", key_codec.norm_correction), ("PACKED", rows),
-                  ("InT", xk.dtype)],
-        grid=(N * D, 2 if pair and not rows else 1, 1),
-        threadgroup=(D, 1, 1),
-        output_shapes=[(*lead, row_words if rows else key_codec.words),
-                       tuple(v_lead if rows else lead), (*v_lead, vc.words), tuple(v_lead)],
-        output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
-    )  # fmt: skip
+    decode_sized = not lead or lead[-1] <= MAX_QUERIES
+    graph = _encode_graph(kernel, tuple(lead), D, xk.dtype, key_codec.bits, key_codec.words,
+                          vc.bits, vc.words, key_codec.norm_correction, pair, rows,
+                          compiled and decode_sized)  # fmt: skip
+    out = graph(xk, xv, key_codec.rotation.matrix, vc.rotation.matrix, key_codec.boundaries,
+                vc.boundaries, key_codec.centroids, vc.centroids)  # fmt: skip
     if rows:
         return out[0]
     return tuple(out) if pair else (out[0], out[1], None, None)
 
 
-def encode_rows(kernel, key_codec, keys, value_codec, values):
+@lru_cache(maxsize=256)  # prefill lengths vary: bounded
+def _encode_graph(kernel, lead, D, in_dtype, kbits, kwords, vbits, vwords, norm_corr, pair, rows,
+                  compiled):  # fmt: skip
+    """The encode launch of one configuration as a function of arrays only (the codecs'
+    rotations, boundaries and centroids are inputs, so one graph serves every layer)."""
+    _count_build()
+    k = kernel("encode")
+    N = math.prod(lead)
+    v_lead = list(lead) if pair and not rows else [1]
+    row_words = kwords + vwords + 1
+    template = [("D", D), ("KBITS", kbits), ("KW", kwords), ("VBITS", vbits), ("VW", vwords),
+                ("NORM_CORR", norm_corr), ("PACKED", rows), ("InT", in_dtype)]  # fmt: skip
+    output_shapes = [(*lead, row_words if rows else kwords), tuple(v_lead if rows else lead),
+                     (*v_lead, vwords), tuple(v_lead)]  # fmt: skip
+
+    def run(xk, xv, rot_k, rot_v, bnd_k, bnd_v, cent_k, cent_v):
+        return k(
+            inputs=[xk, xv, rot_k, rot_v, bnd_k, bnd_v, cent_k, cent_v],
+            template=template,
+            grid=(N * D, 2 if pair and not rows else 1, 1),
+            threadgroup=(D, 1, 1),
+            output_shapes=output_shapes,
+            output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
+        )
+
+    return mx.compile(run) if compiled else run
+
+
+def encode_rows(kernel, key_codec, keys, value_codec, values, compiled=False):
     """Fused twin of ``codec.packing.token_rows`` over both encodes: ``[..., KW + VW + 1]``
     uint32 rows (key codes, value codes, both fp16 norms in the last word), or None."""
     if values is None:
         raise ValueError("encode_rows needs values as well as keys")
-    return encode_kv(kernel, key_codec, keys, value_codec, values, rows=True)
+    return encode_kv(kernel, key_codec, keys, value_codec, values, rows=True, compiled=compiled)
 
 
-def encode(kernel, codec, x):
+def encode(kernel, codec, x, compiled=False):
     """Fused twin of ``TurboQuantCodec.encode``: ``x`` ``[..., D]`` to ``(packed [..., words]
     uint32, norms [...] float16)``, or None where the kernel does not apply."""
-    out = encode_kv(kernel, codec, x, None, None)
+    out = encode_kv(kernel, codec, x, None, None, compiled=compiled)
     return None if out is None else out[:2]
