@@ -22,12 +22,12 @@ def test_round_trip_is_exact(bits, count, rows, seed):
     np.testing.assert_array_equal(np.array(unpack(words, bits, count)), codes)
 
 
+@pytest.mark.parametrize("count", [70, 128])  # gather tables; groups of 32 codes
 @pytest.mark.parametrize("bits", PACKABLE_BITS)
-def test_dense_layout(bits):
+def test_dense_layout(bits, count):
     # 3 bits cost 3 bits: 128 codes take exactly 128 * bits / 32 words.
     assert packed_words(128, bits) == 4 * bits
     # Code j sits at bit j * bits of the little-endian stream.
-    count = 70
     codes = np.random.default_rng(bits).integers(0, 2**bits, size=count, dtype=np.uint64)
     stream = sum(int(c) << (j * bits) for j, c in enumerate(codes))
     words = np.array(pack(mx.array(codes.astype(np.uint32)), bits)).astype(np.uint64)
@@ -36,8 +36,31 @@ def test_dense_layout(bits):
 
 def test_all_ones_do_not_overflow():
     for bits in PACKABLE_BITS:
-        codes = mx.full((3, 97), 2**bits - 1, dtype=mx.uint32)
-        np.testing.assert_array_equal(np.array(unpack(pack(codes, bits), bits, 97)), np.array(codes))
+        for count in (97, 96):
+            codes = mx.full((3, count), 2**bits - 1, dtype=mx.uint32)
+            back = unpack(pack(codes, bits), bits, count)
+            np.testing.assert_array_equal(np.array(back), np.array(codes))
+
+
+@pytest.mark.parametrize("bits", PACKABLE_BITS)
+def test_both_paths_write_and_read_the_same_words(bits):
+    """Counts that are multiples of 32 take the elementwise group path; its words must be
+    those of the gather tables, code for code, and each path must read the other's."""
+    from mlx_lm_turboquant.codec import packing
+
+    for count in (32, 64, 96, 128, 256):
+        codes = mx.array(np.random.default_rng(count + bits).integers(
+            0, 2**bits, size=(2, 3, count), dtype=np.uint32))  # fmt: skip
+        index, left, right, valid = packing._pack_tables(count, bits)
+        c = codes[..., index]
+        parts = mx.where(right > 0, mx.right_shift(c, right), mx.left_shift(c, left) * valid)
+        by_tables = parts.sum(axis=-1).astype(mx.uint32)
+        assert mx.array_equal(pack(codes, bits), by_tables), (bits, count)
+        word, shift, nxt, high_shift, high_mask = packing._unpack_tables(count, bits)
+        low = mx.right_shift(by_tables[..., word], shift)
+        high = mx.left_shift(by_tables[..., nxt], high_shift) & high_mask
+        assert mx.array_equal((low | high) & (2**bits - 1), codes), (bits, count)
+        assert mx.array_equal(unpack(by_tables, bits, count), codes), (bits, count)
 
 
 def test_bad_inputs():

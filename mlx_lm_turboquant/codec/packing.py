@@ -2,11 +2,14 @@
 
 ``count`` codes of ``bits`` bits occupy exactly ceil(count * bits / 32) words: code j
 starts at bit j * bits of the stream (little-endian within each word) and may straddle
-two words (3 bits cost 3 bits). The word layout is computed once per (count, bits) as
-gather tables, so packing is a handful of vectorized ops with no Python loop over codes.
+two words (3 bits cost 3 bits). When ``count`` is a multiple of 32 (every head dim the
+kernels take), ``bits`` words hold exactly 32 codes and both directions are shifts and
+masks broadcast over those groups; other counts use gather tables computed once per
+(count, bits). Either way: a handful of vectorized ops, no Python loop over codes.
 """
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -77,12 +80,78 @@ def pack(codes: mx.array, bits: int) -> mx.array:
     ``[..., packed_words(count, bits)]`` uint32."""
     count = codes.shape[-1]
     _check(count, bits)
+    if count % 32 == 0:
+        return _pack_groups(codes, bits, count)
     index, left, right, valid = _pack_tables(count, bits)
     c = codes.astype(mx.uint32)[..., index]  # [..., words, used]
     parts = mx.left_shift(c, left) * valid
     parts = mx.where(right > 0, mx.right_shift(c, right), parts)
     # The parts occupy disjoint bits of their word, so a sum is a bitwise OR.
     return parts.sum(axis=-1).astype(mx.uint32)
+
+
+class _GroupWord(NamedTuple):
+    """The codes of a 32-code group that start in one of its words."""
+
+    first: int  # index of the first such code in the group
+    shift: mx.array  # each code's bit offset in the word
+    high_shift: mx.array  # left shift of the next word's bits into a code running on (or 0)
+    high_mask: mx.array  # all ones for a code running on into the next word, else 0
+    spill: int  # right shift of the word's last code that gives its bits in the next word
+
+
+@lru_cache(maxsize=None)
+def _group_tables(bits: int):
+    """Packing by groups: ``bits`` words hold exactly 32 codes, code j of a group starting
+    at bit j * bits of them (so only elementwise ops are needed, no gather per code)."""
+    starts = np.arange(32) * bits
+    word, shift = np.divmod(starts, 32)
+    runs_on = shift + bits > 32
+    # Shifting a uint32 by 32 is undefined: codes that end in their word use shift 0, mask 0.
+    high_shift = np.where(runs_on, 32 - shift, 0).astype(np.uint32)
+    high_mask = np.where(runs_on, 0xFFFFFFFF, 0).astype(np.uint32)
+    out = []
+    for p in range(bits):
+        at = np.flatnonzero(word == p)
+        out.append(_GroupWord(int(at[0]), mx.array(shift[at].astype(np.uint32)),
+                              mx.array(high_shift[at]), mx.array(high_mask[at]),
+                              int(high_shift[at[-1]])))  # fmt: skip
+    return out
+
+
+def _pack_groups(codes: mx.array, bits: int, count: int) -> mx.array:
+    """:func:`pack` by groups of 32 codes: each word sums its codes shifted into place
+    (disjoint bits, so the sum is an OR) plus the high part of a code that started in the
+    word before."""
+    lead = codes.shape[:-1]
+    c = codes.astype(mx.uint32).reshape(*lead, count // 32, 32)
+    words, spill = [], 0
+    for g in _group_tables(bits):
+        n = g.shift.size
+        word = mx.left_shift(c[..., g.first : g.first + n], g.shift).sum(axis=-1, keepdims=True)
+        if spill:
+            word = word + mx.right_shift(c[..., g.first - 1 : g.first], spill)
+        words.append(word.astype(mx.uint32))
+        spill = g.spill
+    return mx.concatenate(words, axis=-1).reshape(*lead, count * bits // 32)
+
+
+def _unpack_groups(words: mx.array, bits: int, count: int) -> mx.array:
+    """:func:`unpack` by groups of 32 codes, elementwise (the general path gathers every
+    code's words: about 10x slower on the CPU backend)."""
+    lead = words.shape[:-1]
+    groups = words.reshape(*lead, count // 32, bits)
+    low, high = [], []
+    for p, g in enumerate(_group_tables(bits)):
+        low.append(mx.right_shift(groups[..., p : p + 1], g.shift))
+        if g.spill:  # the next word holds the high bits of this word's last code
+            high.append(mx.left_shift(groups[..., p + 1 : p + 2], g.high_shift) & g.high_mask)
+        elif 32 % bits:
+            high.append(mx.zeros_like(low[-1]))
+    codes = mx.concatenate(low, axis=-1)
+    if 32 % bits:  # 3 bits: some codes run on into the next word
+        codes = codes | mx.concatenate(high, axis=-1)
+    return (codes & ((1 << bits) - 1)).reshape(*lead, count)
 
 
 def unpack(words: mx.array, bits: int, count: int) -> mx.array:
@@ -94,6 +163,8 @@ def unpack(words: mx.array, bits: int, count: int) -> mx.array:
             f"expected {packed_words(count, bits)} words for {count} codes of {bits} bits, "
             f"got {words.shape[-1]}"
         )
+    if count % 32 == 0:
+        return _unpack_groups(words, bits, count)
     word, shift, next_word, high_shift, high_mask = _unpack_tables(count, bits)
     low = mx.right_shift(words[..., word], shift)
     high = mx.left_shift(words[..., next_word], high_shift) & high_mask
