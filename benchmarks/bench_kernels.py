@@ -203,7 +203,7 @@ def _fill(model, kind, T):
         k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
         v = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
         c.update_and_fetch(k, v)
-        mx.eval(c.buffers() if kind != "fp16" else [c.keys, c.values])
+        mx.eval(_arrays(c))
     return cache
 
 
@@ -250,8 +250,7 @@ def encode_cost(cache, repeats=10):
         t0 = time.perf_counter()
         for c in cache:
             c.update_and_fetch(k, v)
-        mx.eval([a for c in cache for a in (c.buffers() if hasattr(c, "buffers")
-                                            else (c.keys, c.values))])  # fmt: skip
+        mx.eval([a for c in cache for a in _arrays(c)])
         samples.append(time.perf_counter() - t0)
         for c in cache:
             c.trim(1)
@@ -316,8 +315,13 @@ def e2e_bench(contexts, schemes, steps, rounds=5):
     return rows
 
 
+def _arrays(cache):
+    """The arrays a layer's cache holds: mlx-lm's KVCache or a TurboQuant cache."""
+    return cache.buffers() if hasattr(cache, "buffers") else [cache.keys, cache.values]
+
+
 def _nbytes(cache):
-    return cache.nbytes if hasattr(cache, "buffers") else cache.keys.nbytes + cache.values.nbytes
+    return sum(a.nbytes for a in _arrays(cache))
 
 
 def plot(result, path):

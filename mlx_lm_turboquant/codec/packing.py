@@ -82,6 +82,11 @@ def pack(codes: mx.array, bits: int) -> mx.array:
     _check(count, bits)
     if count % 32 == 0:
         return _pack_groups(codes, bits, count)
+    return _pack_by_tables(codes, bits, count)
+
+
+def _pack_by_tables(codes: mx.array, bits: int, count: int) -> mx.array:
+    """:func:`pack` for any count: each word gathers the codes that touch it."""
     index, left, right, valid = _pack_tables(count, bits)
     c = codes.astype(mx.uint32)[..., index]  # [..., words, used]
     parts = mx.left_shift(c, left) * valid
@@ -141,16 +146,13 @@ def _unpack_groups(words: mx.array, bits: int, count: int) -> mx.array:
     code's words: about 10x slower on the CPU backend)."""
     lead = words.shape[:-1]
     groups = words.reshape(*lead, count // 32, bits)
-    low, high = [], []
+    parts = []
     for p, g in enumerate(_group_tables(bits)):
-        low.append(mx.right_shift(groups[..., p : p + 1], g.shift))
+        part = mx.right_shift(groups[..., p : p + 1], g.shift)
         if g.spill:  # the next word holds the high bits of this word's last code
-            high.append(mx.left_shift(groups[..., p + 1 : p + 2], g.high_shift) & g.high_mask)
-        elif 32 % bits:
-            high.append(mx.zeros_like(low[-1]))
-    codes = mx.concatenate(low, axis=-1)
-    if 32 % bits:  # 3 bits: some codes run on into the next word
-        codes = codes | mx.concatenate(high, axis=-1)
+            part = part | (mx.left_shift(groups[..., p + 1 : p + 2], g.high_shift) & g.high_mask)
+        parts.append(part)
+    codes = mx.concatenate(parts, axis=-1)
     return (codes & ((1 << bits) - 1)).reshape(*lead, count)
 
 
@@ -165,6 +167,11 @@ def unpack(words: mx.array, bits: int, count: int) -> mx.array:
         )
     if count % 32 == 0:
         return _unpack_groups(words, bits, count)
+    return _unpack_by_tables(words, bits, count)
+
+
+def _unpack_by_tables(words: mx.array, bits: int, count: int) -> mx.array:
+    """:func:`unpack` for any count: each code gathers the word(s) it sits in."""
     word, shift, next_word, high_shift, high_mask = _unpack_tables(count, bits)
     low = mx.right_shift(words[..., word], shift)
     high = mx.left_shift(words[..., next_word], high_shift) & high_mask

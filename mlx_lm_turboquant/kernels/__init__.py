@@ -59,14 +59,20 @@ def active_backend():
     return _resolved[want]
 
 
-def get_op(op: str):
-    """The fused implementation of ``op`` for the active backend, or None."""
+def _serving(op: str):
+    """The backend module that runs ``op`` now, or None (no backend, or the op failed)."""
     if op not in OPS:
         raise ValueError(f"unknown kernel op {op!r}; allowed: {', '.join(OPS)}")
     module = active_backend()
     if module is None or (module.NAME, op) in _disabled:
         return None
-    return getattr(module, op)
+    return module
+
+
+def get_op(op: str):
+    """The fused implementation of ``op`` for the active backend, or None."""
+    module = _serving(op)
+    return None if module is None else getattr(module, op)
 
 
 def run(op: str, *args, **kwargs):
@@ -74,10 +80,8 @@ def run(op: str, *args, **kwargs):
     pure-MLX path (no backend, shapes not covered, or the kernel failed: one warning)."""
     if not all(getattr(a, "plain", True) for a in args):  # prod / split / window formats
         return None
-    if op not in OPS:
-        raise ValueError(f"unknown kernel op {op!r}; allowed: {', '.join(OPS)}")
-    module = active_backend()
-    if module is None or (module.NAME, op) in _disabled:
+    module = _serving(op)
+    if module is None:
         return None
     backend = module.NAME
     built = launch.builds
