@@ -4,6 +4,8 @@ rows and plotting them (the timing itself needs the GPU; see docs/kernels.md).""
 import importlib.util
 import json
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -40,3 +42,41 @@ def test_merged_runs_sorted_by_context_and_plotted(tmp_path):
     png = tmp_path / "e2e.png"
     bench.plot(merged, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _profile_step():
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", ROOT / "benchmarks" / "profile_step.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_profile_summary_splits_steps_at_the_markers(tmp_path):
+    prof = _profile_step()
+    header = ('"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"')
+
+    def row(i, name, unit, value):
+        return f'"{i}","{name}","gpu__time_duration.sum","{unit}","{value}"'
+
+    lines = ["==PROF== Connected to process", header,
+             row(0, "void mlx::core::cu::gemv<float, 4>(const float*)", "usecond", "3.50"),
+             row(1, "custom_kernel_turboquant_encode_128_4_abcdef12", "ns", "2,500"),
+             row(2, "void mlx::core::cu::gemv<float, 4>(const float*)", "us", "1.5"),
+             row(3, f"custom_kernel_{prof.MARKER}", "ns", "900"),
+             row(4, "void mlx::core::cu::gemv<float, 4>(const float*)", "msecond", "0.01"),
+             row(5, f"custom_kernel_{prof.MARKER}", "ns", "900")]  # fmt: skip
+    path = tmp_path / "step.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = prof.summarize(path, ["fp16", "turbo4"])
+    assert out["fp16"]["kernels"] == 3 and abs(out["fp16"]["gpu_us"] - 7.5) < 1e-9
+    assert out["fp16"]["families"]["gemv"] == {"count": 2, "us": 5.0}
+    assert "custom_kernel_turboquant_encode_128_4" in out["fp16"]["families"]
+    assert out["turbo4"] == {"kernels": 1, "gpu_us": 10.0,
+                             "families": {"gemv": {"count": 1, "us": 10.0}}}  # fmt: skip
+    with pytest.raises(ValueError, match="2 profiled steps, expected 3"):
+        prof.summarize(path, ["fp16", "turbo4", "turbo3"])
+    (tmp_path / "empty.csv").write_text("no table here\n")
+    with pytest.raises(ValueError, match="no ncu CSV table"):
+        prof.summarize(tmp_path / "empty.csv", ["fp16"])

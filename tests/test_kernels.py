@@ -17,7 +17,7 @@ import pytest
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.codec import get_codec
 from mlx_lm_turboquant.codec.packing import token_rows
-from mlx_lm_turboquant.kernels import launch
+from mlx_lm_turboquant.kernels import launch, source
 from mlx_lm_turboquant.kernels.reference import reference_sdpa
 
 T = 300  # three tiles of 128 tokens, the last one partial
@@ -132,6 +132,38 @@ def test_a_configurations_first_call_is_evaluated_in_the_guard(monkeypatch):
     assert len(evaluated) == 4
 
 
+def test_decode_steps_make_no_new_host_arrays(monkeypatch):
+    """On CUDA a host array made per call costs a transfer before the launch can read it:
+    the attention's small inputs (split sizes, token count, unused slots) are made once per
+    capacity and count, and every layer of a step shares them."""
+    seen = []
+
+    def stub_kernel(op):  # records the inputs, yields zeros of the requested outputs
+        def launch_(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            seen.append((op, inputs))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+        return launch_
+
+    kernel = lru_cache(maxsize=None)(stub_kernel)
+    layers = [_cache("turbo4")[0] for _ in range(2)]
+    attend = partial(launch.decode_attention, kernel, 48 << 10)
+    q = mx.random.normal((1, 4, 1, 64))
+    for c in layers:  # capacity and token count as the next steps will see them
+        attend(q, c, 0.125)
+    small = {}  # attention input slot -> the arrays a step passed there
+    for step in range(2):
+        seen.clear()
+        for c in layers:
+            attend(q, c, 0.125)
+        for slot, name in enumerate(source.ATTENTION_INPUTS):
+            if name in ("mask", "pos", "meta"):
+                small.setdefault(name, []).extend(
+                    inputs[slot] for op, inputs in seen if op != "reduce")
+    for name, arrays in small.items():
+        assert all(a is arrays[0] for a in arrays), f"a new {name!r} array per call"
+
+
 def test_uncovered_shapes_take_the_reference_path_silently(monkeypatch):
     cache, _, _ = _cache("turbo3")
     _fake_backend(monkeypatch, decode_attention=lambda *a, **k: None)
@@ -151,6 +183,11 @@ def test_plan_limits():
     for T_, blocks in ((1, 8), (300, 2), (131072, 8), (5000, 64)):
         span, n = launch.split_tokens(T_, blocks, 128)
         assert span % 128 == 0 and (n - 1) * span < T_ <= n * span
+        assert span >= launch.MIN_SPAN and n * blocks <= max(launch.TARGET_BLOCKS, blocks)
+    span, n = launch.split_tokens(4096, 8, 128)  # short: a few spans of MIN_SPAN tokens
+    assert span == launch.MIN_SPAN and n * span == 4096
+    span, n = launch.split_tokens(131072, 8, 128)  # long: about TARGET_BLOCKS blocks
+    assert launch.TARGET_BLOCKS // 2 < n * 8 <= launch.TARGET_BLOCKS
 
 
 # -- the kernel bodies, emulated on the CPU --------------------------------------------
@@ -171,6 +208,7 @@ def _emulate(monkeypatch):
         encode_rows=partial(launch.encode_rows, emu.kernel),
     )
     monkeypatch.setattr(kernels, "active_backend", lambda: module)
+    monkeypatch.setattr(launch, "MIN_SPAN", 0)  # short test caches still take several spans
     return module
 
 

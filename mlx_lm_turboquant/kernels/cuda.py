@@ -17,6 +17,9 @@ HEADER = r"""
 #define TQ_BARRIER() __syncthreads()
 #define TQ_UNROLL _Pragma("unroll")
 #define TQ_UNROLL8 _Pragma("unroll 8")
+#define TQ_UNROLL32 _Pragma("unroll 32")
+// Stores 16 bits into half h (0 low, 1 high) of word i of w.
+#define TQ_STORE_HALF_BITS(w, i, h, b) (reinterpret_cast<uint16_t*>((w) + (i))[h] = (uint16_t)(b))
 #define TQ_INF __int_as_float(0x7f800000)
 #define TQ_HALF_TO_FLOAT(h) __half2float(h)
 #define TQ_TO_HALF(x) __float2half(x)

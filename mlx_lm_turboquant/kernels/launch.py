@@ -16,7 +16,12 @@ import numpy as np
 
 MAX_QUERIES = 8  # decode and speculative verification; longer prefill uses the reference
 MAX_ROWS = 64  # query rows sharing one KV head in one block (n_rep * L)
-TARGET_BLOCKS = 512  # blocks per call: 512 to 8192 measured within run-to-run noise at 32k-128k (H100)
+# Blocks per attention call: about one wave of the tensor-core kernel on an H100 (132 SMs, 3
+# blocks each at its register count); and at least MIN_SPAN tokens per block, so a short
+# context takes a few long blocks instead of a second wave of short ones (turbo4, 4k tokens:
+# 0.035 ms with 64 blocks against 0.061 ms with 512; docs/kernels.md).
+TARGET_BLOCKS = 384
+MIN_SPAN = 512
 PREFETCH_WORDS = 48  # registers per thread holding the next tile
 _NEG = -1e30  # a masked score, as in reference.py
 TENSOR_CORES_ENV = "MLX_TQ_TENSOR_CORES"
@@ -163,9 +168,10 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
 
 
 def split_tokens(T: int, n_blocks: int, tile: int):
-    """(tokens per span, number of spans): about TARGET_BLOCKS blocks, whole tiles per span."""
+    """(tokens per span, number of spans): about TARGET_BLOCKS blocks, whole tiles per span,
+    at least MIN_SPAN tokens per span."""
     n_tiles = -(-T // tile)
-    tiles_per_span = max(1, -(-n_tiles * n_blocks // TARGET_BLOCKS))
+    tiles_per_span = max(1, -(-MIN_SPAN // tile), -(-n_tiles * n_blocks // TARGET_BLOCKS))
     span = tiles_per_span * tile
     return span, -(-T // span)
 
@@ -194,10 +200,12 @@ def _prepare_mask(mask, B, n_q_heads, L, T):
 
 
 @lru_cache(maxsize=1024)
-def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks):
+def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks, min_span):
     """``(n_splits, [capacity, span, n_splits, n_kv_heads])`` for the kernels. Spans follow
     the capacity, not the token count, so this array (and the launch shape) only changes
-    when the cache grows, a step of 256 tokens; spans past the last token do nothing."""
+    when the cache grows, a step of 256 tokens; spans past the last token do nothing.
+    Memoized: every layer and step of one capacity shares one device array (a new host
+    array per call costs a transfer on CUDA before the launch can read it)."""
     span, n_splits = split_tokens(cap, n_blocks, tile)
     return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
 
@@ -336,7 +344,7 @@ def decode_attention(
     )  # fmt: skip
     if setup is None:
         return None
-    n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS)
+    n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS, MIN_SPAN)
     q = queries
     if setup.outside_query:  # once per query, never per key
         q = queries.astype(mx.float32) * scale
@@ -450,7 +458,7 @@ def _encode_graph(kernel, lead, D, in_dtype, kbits, kwords, vbits, vwords, norm_
         return k(
             inputs=[xk, xv, rot_k, rot_v, bnd_k, bnd_v, cent_k, cent_v],
             template=template,
-            grid=(N * D, 2 if pair and not rows else 1, 1),
+            grid=(N * D, 2 if pair else 1, 1),  # keys and values in separate blocks
             threadgroup=(D, 1, 1),
             output_shapes=output_shapes,
             output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],

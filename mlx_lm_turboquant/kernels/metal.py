@@ -21,6 +21,9 @@ using namespace metal;
 #define TQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define TQ_UNROLL _Pragma("clang loop unroll(full)")
 #define TQ_UNROLL8 _Pragma("clang loop unroll_count(8)")
+#define TQ_UNROLL32 _Pragma("clang loop unroll_count(32)")
+// Stores 16 bits into half h (0 low, 1 high) of word i of w.
+#define TQ_STORE_HALF_BITS(w, i, h, b) (((device ushort*)((w) + (i)))[h] = ushort(b))
 #define TQ_INF INFINITY
 #define TQ_HALF_TO_FLOAT(h) static_cast<float>(h)
 #define TQ_TO_HALF(x) static_cast<half>(x)

@@ -32,7 +32,7 @@ _PREPARE_QUERY = r"""
         qr[i] = 0.0f;
       }
       TQ_BARRIER();
-      TQ_UNROLL8 for (int j = 0; j < D; ++j) {
+      TQ_UNROLL32 for (int j = 0; j < D; ++j) {
         TQ_UNROLL for (int k = 0; k < EPT; ++k) {
           const int e = tq_tid + k * NT;
           const float m = e < D ? rot[j * D + e] : 0.0f;
@@ -678,7 +678,7 @@ REDUCE = r"""
   const int64_t first = (int64_t)bh * n_splits;
 
   float m = -TQ_INF;
-  for (int s = 0; s < n_splits; ++s) {
+  TQ_UNROLL8 for (int s = 0; s < n_splits; ++s) {
     m = tq_max(m, ml_part[((first + s) * R + r) * 2]);
   }
   float sink = 0.0f;
@@ -689,7 +689,7 @@ REDUCE = r"""
   const float m_use = m == -TQ_INF ? 0.0f : m;
   float num = 0.0f;
   float den = HAS_SINKS ? tq_exp(sink - m_use) : 0.0f;
-  for (int s = 0; s < n_splits; ++s) {
+  TQ_UNROLL8 for (int s = 0; s < n_splits; ++s) {
     const int64_t i = (first + s) * R + r;
     const float w = tq_exp(ml_part[i * 2] - m_use);
     den += w * ml_part[i * 2 + 1];
@@ -698,7 +698,7 @@ REDUCE = r"""
   y_sh[d] = num / den;
   TQ_BARRIER();
   float o = 0.0f;
-  for (int j = 0; j < D; ++j) {
+  TQ_UNROLL32 for (int j = 0; j < D; ++j) {  // 32 loads in flight: rot_t is cold here
     o += y_sh[j] * rot_t[j * D + d];
   }
   out[(int64_t)row * D + d] = static_cast<OutT>(o);
@@ -707,98 +707,107 @@ REDUCE = r"""
 # Encode new keys and values in one launch: norm, rotation, Lloyd-Max code by binary
 # search over the boundaries, optional norm correction, dense packing. One thread per
 # coordinate, one block per vector: blockIdx.y 0 keys, 1 values (a grid of height 1 encodes
-# keys only), or with PACKED one block per token doing its key, then its value, into one
-# row of KW + VW + 1 words of pk (the last word holds both fp16 norms, the key's in the low
-# half; nk / pv / nv are then unused). xk / xv are [N, D] in the model's dtype InT (read as
-# is: no cast pass); rk / rv are the rotations' matrices [D, D] (y = u @ r); KBITS / VBITS
-# with KW / VW words.
+# keys only). With PACKED a token's key and value go into one row of KW + VW + 1 words of pk
+# (the last word holds both fp16 norms, the key's in the low half, each block storing its
+# own half; nk / pv / nv are then unused). xk / xv are [N, D] in the model's dtype InT (read
+# as is: no cast pass); rk / rv are the rotations' matrices [D, D] (y = u @ r); KBITS / VBITS
+# with KW / VW words. Decode encodes a handful of vectors whose matrices are cold in the
+# cache, so the kernel is bound by load latency: boundaries and centroids go to shared
+# memory while the norm is reduced, and the rotation keeps 32 loads in flight per thread.
 ENCODE = r"""
   constexpr int NWARPS = D / 32;
   constexpr int PROW = KW + VW + 1;
   TQ_SHARED float u_sh[D];
   TQ_SHARED float red_sh[NWARPS];
   TQ_SHARED uint32_t c_sh[D];
+  TQ_SHARED float bnd_sh[1 << (KBITS > VBITS ? KBITS : VBITS)];
+  TQ_SHARED float cent_sh[1 << (KBITS > VBITS ? KBITS : VBITS)];
   const int e = tq_tid;
   const int lane = e & 31;
   const int warp = e >> 5;
   const int64_t row = tq_bx;
-  uint32_t norm_bits = 0u;
-  for (int part = PACKED ? 0 : tq_by; part < (PACKED ? 2 : tq_by + 1); ++part) {
-    const bool is_v = part == 1;
-    const int BITS = is_v ? VBITS : KBITS;
-    const int W = is_v ? VW : KW;
+  const bool is_v = tq_by == 1;
+  const int BITS = is_v ? VBITS : KBITS;
+  const int W = is_v ? VW : KW;
 
-    const float xv = static_cast<float>(is_v ? xv_in[row * D + e] : xk[row * D + e]);
-    float part_sum = tq_warp_sum(xv * xv);
-    if (lane == 0) {
-      red_sh[warp] = part_sum;
+  for (int i = e; i < (1 << BITS); i += D) {
+    if (i + 1 < (1 << BITS)) {
+      bnd_sh[i] = is_v ? bv[i] : bk[i];
     }
-    TQ_BARRIER();
-    float norm2 = 0.0f;
-    TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
-      norm2 += red_sh[w];
-    }
-    const float norm = tq_sqrt(norm2);
-    u_sh[e] = xv / tq_max(norm, 1e-30f);
-    TQ_BARRIER();
-    float y = 0.0f;
-    for (int j = 0; j < D; ++j) {
-      y += u_sh[j] * (is_v ? rv[j * D + e] : rk[j * D + e]);
-    }
-    int code = 0;
-    for (int bit = BITS - 1; bit >= 0; --bit) {
-      const int cand = code + (1 << bit);
-      if (y >= (is_v ? bv[cand - 1] : bk[cand - 1])) {
-        code = cand;
-      }
-    }
-    c_sh[e] = (uint32_t)code;
-
-    float stored = norm;
-    if (NORM_CORR) {
-      const float cv = is_v ? cv_in[code] : ck[code];
-      part_sum = tq_warp_sum(cv * cv);
-      if (lane == 0) {
-        red_sh[warp] = part_sum;  // safe: every thread read red_sh before the last barrier
-      }
-      TQ_BARRIER();
-      float c2 = 0.0f;
-      TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
-        c2 += red_sh[w];
-      }
-      stored = norm / tq_max(tq_sqrt(c2), 1e-30f);
-    }
-    stored = stored < 65504.0f ? stored : 65504.0f;  // fp16 overflows above 65504
-    TQ_BARRIER();
-    if (e < W) {
-      uint32_t word = 0;
-      const int first = (e * 32) / BITS;
-      const int last = (e * 32 + 31) / BITS;
-      for (int j = first; j <= last && j < D; ++j) {
-        const int shift = j * BITS - e * 32;
-        word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
-      }
-      if (PACKED) {
-        pk[row * PROW + (is_v ? KW : 0) + e] = word;
-      } else if (is_v) {
-        pv[row * W + e] = word;
-      } else {
-        pk[row * W + e] = word;
-      }
-    }
-    if (e == 0) {
-      if (PACKED) {
-        norm_bits |= tq_half_word(stored) << (is_v ? 16 : 0);
-      } else if (is_v) {
-        nv[row] = TQ_TO_HALF(stored);
-      } else {
-        nk[row] = TQ_TO_HALF(stored);
-      }
-    }
-    TQ_BARRIER();  // the value pass reuses u_sh, red_sh and c_sh
+    cent_sh[i] = is_v ? cv_in[i] : ck[i];
   }
-  if (PACKED && e == 0) {
-    pk[row * PROW + KW + VW] = norm_bits;
+  const float xv = static_cast<float>(is_v ? xv_in[row * D + e] : xk[row * D + e]);
+  float part_sum = tq_warp_sum(xv * xv);
+  if (lane == 0) {
+    red_sh[warp] = part_sum;
+  }
+  TQ_BARRIER();
+  float norm2 = 0.0f;
+  TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+    norm2 += red_sh[w];
+  }
+  const float norm = tq_sqrt(norm2);
+  u_sh[e] = xv / tq_max(norm, 1e-30f);
+  TQ_BARRIER();
+  float y = 0.0f;
+  if (is_v) {
+    TQ_UNROLL32 for (int j = 0; j < D; ++j) {
+      y += u_sh[j] * rv[j * D + e];
+    }
+  } else {
+    TQ_UNROLL32 for (int j = 0; j < D; ++j) {
+      y += u_sh[j] * rk[j * D + e];
+    }
+  }
+  int code = 0;
+  for (int bit = BITS - 1; bit >= 0; --bit) {
+    const int cand = code + (1 << bit);
+    if (y >= bnd_sh[cand - 1]) {
+      code = cand;
+    }
+  }
+  c_sh[e] = (uint32_t)code;
+
+  float stored = norm;
+  if (NORM_CORR) {
+    const float cv = cent_sh[code];
+    part_sum = tq_warp_sum(cv * cv);
+    if (lane == 0) {
+      red_sh[warp] = part_sum;  // safe: every thread read red_sh before the last barrier
+    }
+    TQ_BARRIER();
+    float c2 = 0.0f;
+    TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+      c2 += red_sh[w];
+    }
+    stored = norm / tq_max(tq_sqrt(c2), 1e-30f);
+  }
+  stored = stored < 65504.0f ? stored : 65504.0f;  // fp16 overflows above 65504
+  TQ_BARRIER();
+  if (e < W) {
+    uint32_t word = 0;
+    const int first = (e * 32) / BITS;
+    const int last = (e * 32 + 31) / BITS;
+    for (int j = first; j <= last && j < D; ++j) {
+      const int shift = j * BITS - e * 32;
+      word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
+    }
+    if (PACKED) {
+      pk[row * PROW + (is_v ? KW : 0) + e] = word;
+    } else if (is_v) {
+      pv[row * W + e] = word;
+    } else {
+      pk[row * W + e] = word;
+    }
+  }
+  if (e == 0) {
+    if (PACKED) {
+      TQ_STORE_HALF_BITS(pk, row * PROW + KW + VW, is_v ? 1 : 0, tq_half_word(stored));
+    } else if (is_v) {
+      nv[row] = TQ_TO_HALF(stored);
+    } else {
+      nk[row] = TQ_TO_HALF(stored);
+    }
   }
 """
 

@@ -63,6 +63,9 @@ static float tq_emu_lanes[1024];
 #define TQ_BARRIER() tq_emu_block_barrier->arrive_and_wait()
 #define TQ_UNROLL
 #define TQ_UNROLL8
+#define TQ_UNROLL32
+#define TQ_STORE_HALF_BITS(w, i, h, b) \
+  do { const uint16_t tq_b = (uint16_t)(b); std::memcpy((char*)((w) + (i)) + 2 * (h), &tq_b, 2); } while (0)
 #define TQ_INF INFINITY
 #define TQ_HALF_TO_FLOAT(h) static_cast<float>(h)
 #define TQ_TO_HALF(x) tq_f16(x)
