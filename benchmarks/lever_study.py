@@ -12,7 +12,9 @@ they agree. Bytes are counted analytically from the formats as the library store
 Levers: per-layer schemes (boundary layers, key vs value bits, bit allocation), one
 rotation shared by all layers, an fp16 window of the most recent W tokens, per-channel
 key scaling (keys times s, queries divided by s: scores unchanged, quantization error
-moved off the channels that matter).
+moved off the channels that matter); and (sets outside ``all``) keys and values centred on
+the prefill's per-channel mean, the first tokens kept in fp16 (attention sinks), one window
+length per layer.
 """
 
 import argparse
@@ -60,22 +62,26 @@ def vector_bytes(dim, bits):
 class Config:
     name: str
     layers: list  # one scheme name per attention layer
-    window: int = 0  # most recent tokens kept in fp16
+    window: object = 0  # most recent tokens kept in fp16 (or one count per layer)
     scale: str = "none"  # key channel scaling: none, k (keys of the prefill), qk (calibrated)
     scale_power: float = 1.0  # s ** power (0.5 = half way)
     shared_rotation: bool = False
     norm_correction: bool = True
+    sink: int = 0  # first tokens kept in fp16 (attention-sink tokens)
+    center: str = ""  # "k", "v" or "kv": subtract the prefill's per-channel mean first
     extra: dict = field(default_factory=dict)
 
     def bytes_ratio(self, tokens, n_kv_heads=2, dim=128):
         """All layers' KV bytes over the fp16 cache's, for a cache of ``tokens`` tokens."""
         fp16 = 2 * vector_bytes(dim, 0)
         total = 0.0
-        for name in self.layers:
+        windows = self.window if isinstance(self.window, list) else [self.window] * len(self.layers)
+        for name, window in zip(self.layers, windows):
             k, v = parse_layer(name)
             per = vector_bytes(dim, k) + vector_bytes(dim, v)
             # As the library stores it: every token packed, the window's tokens also fp16.
-            total += (tokens * per + min(self.window, tokens) * fp16) / (tokens * fp16)
+            raw = min(window + self.sink, tokens)
+            total += (tokens * per + raw * fp16) / (tokens * fp16)
         return total / len(self.layers)
 
 
@@ -86,8 +92,10 @@ class SimCache(KVCache):
         super().__init__()
         self.kb, self.vb = parse_layer(cfg.layers[layer])
         self.cfg, self.layer, self.calib = cfg, layer, calib
-        self.raw = KVCache() if cfg.window else None
+        self.window = cfg.window[layer] if isinstance(cfg.window, list) else cfg.window
+        self.raw = KVCache() if self.window else None
         self.s = None  # [H, 1, D] key scale
+        self.means = {}  # kind -> [B, H, 1, D] mean of the first chunk (the prefill)
 
     def codec(self, dim, bits, kind):
         seed = layer_seed(0, 0 if self.cfg.shared_rotation else self.layer, kind)
@@ -97,7 +105,12 @@ class SimCache(KVCache):
         if bits == 0:
             return x
         c = self.codec(x.shape[-1], bits, kind)
-        return c.decode(*c.encode(x)).astype(x.dtype)
+        if "kv"[kind] not in self.cfg.center:
+            return c.decode(*c.encode(x)).astype(x.dtype)
+        if kind not in self.means:
+            self.means[kind] = x.astype(mx.float32).mean(axis=2, keepdims=True)
+        mu = self.means[kind]
+        return (c.decode(*c.encode(x - mu)) + mu).astype(x.dtype)
 
     def key_scale(self, keys):
         mode = self.cfg.scale
@@ -120,11 +133,15 @@ class SimCache(KVCache):
         else:
             kq = self.roundtrip(keys, self.kb, 0)
         vq = self.roundtrip(values, self.vb, 1)
+        if self.offset < self.cfg.sink:  # the first tokens stay exact
+            n = min(self.cfg.sink - self.offset, keys.shape[2])
+            kq = mx.concatenate([keys[:, :, :n], kq[:, :, n:]], axis=2)
+            vq = mx.concatenate([values[:, :, :n], vq[:, :, n:]], axis=2)
         K, V = super().update_and_fetch(kq, vq)
         if self.raw is None:
             return K, V
         Kr, Vr = self.raw.update_and_fetch(keys, values)
-        cut = max(0, self.offset - self.cfg.window)
+        cut = max(0, self.offset - self.window)
         return (mx.concatenate([K[:, :, :cut], Kr[:, :, cut:]], axis=2),
                 mx.concatenate([V[:, :, :cut], Vr[:, :, cut:]], axis=2))  # fmt: skip
 
@@ -259,13 +276,56 @@ def configs(sets):
         Config("mixed <= 0.21x (best), window 16", mixed21, window=16),
         Config("mixed <= 0.21x (3rd best), window 16", mixed21b, window=16),
     ]
+    # Session 7 (evaluation.md, section (f)); "all" keeps meaning the sets above.
+    later = {}
+    later["center"] = [
+        Config(f"{base} centered {what}", layers, center=what, window=w)
+        for base, layers, w in (("turbo3@all", T3, 0), ("turbo4@all", T4, 0))
+        for what in ("", "k", "v", "kv")
+    ] + [
+        Config("turbo3 window 16, last turbo8v4", default3, window=16),
+        Config("turbo3v2 window 8, last turbo8v4",
+               per_layer(["turbo3v2"] * N, _5="turbo8v4"), window=8),  # fmt: skip
+        Config("turbo3 window 16, last turbo8v4, centered kv", default3, window=16, center="kv"),
+        Config("turbo3v2 window 8, last turbo8v4, centered kv",
+               per_layer(["turbo3v2"] * N, _5="turbo8v4"), window=8, center="kv"),  # fmt: skip
+    ]
+    later["center21"] = [
+        Config(f"turbo3@all window {w}{' centered kv' if k else ''}", T3, window=w, center=k)
+        for w in (8, 16) for k in ("", "kv")
+    ] + [
+        Config("mixed <= 0.21x (3rd best) centered kv", mixed21b, center="kv"),
+        Config("turbo3@all window 16 centered k", T3, window=16, center="k"),
+    ]
+    later["center4"] = [
+        Config(f"{name}{f' centered {k}' if k else ''}", layers, center=k)
+        for name, layers in (("turbo4@all", T4), ("turbo4, last turbo8v4", default4))
+        for k in ("", "k", "kv")
+    ]
+    later["center_long"] = [
+        Config(f"{name}{f' centered {k}' if k else ''}", layers, center=k, window=w)
+        for name, layers, w in (("turbo4, last turbo8v4", default4, 0),
+                                ("turbo3, window 16", T3, 16))
+        for k in ("", "k")
+    ]
+    later["sink"] = [
+        Config(f"{name}{f' sink {k}' if k else ''}", layers, window=w, sink=k)
+        for name, layers, w in (("turbo3@all", T3, 0), ("turbo3@all window 16", T3, 16),
+                                ("turbo4@all", T4, 0))
+        for k in (0, 1, 4)
+    ]
+    later["layer_windows"] = [
+        Config(f"turbo3@all windows {w}{' centered kv' if k else ''}", T3, window=w, center=k)
+        for w in ([0, 8, 16, 0, 0, 64], [0, 0, 0, 0, 0, 96], [4, 8, 16, 8, 8, 48])
+        for k in ("", "kv")
+    ]
     chosen = []
     for s in sets:
         if s == "all":
             return [x for v in c.values() for x in v]
-        if s not in c:
-            raise ValueError(f"unknown set {s!r}; allowed: all, {', '.join(c)}")
-        chosen += c[s]
+        if s not in c and s not in later:
+            raise ValueError(f"unknown set {s!r}; allowed: all, {', '.join([*c, *later])}")
+        chosen += c[s] if s in c else later[s]
     return chosen
 
 
@@ -294,6 +354,7 @@ def run_config(model, cfg, windows, calib, prefill, steps):
         "layers": cfg.layers,
         "window": cfg.window,
         "scale": cfg.scale,
+        "center": cfg.center,
         "scale_power": cfg.scale_power,
         "shared_rotation": cfg.shared_rotation,
         "prefill": prefill,
