@@ -207,6 +207,11 @@ def _fill(model, kind, T):
     return cache
 
 
+def next_token(model, cache, y):
+    """One greedy decode step: the tokens ``y`` ``[B]`` in, the next tokens out (lazy)."""
+    return mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+
+
 def decode_rate(model, cache, steps):
     """One round: decode tok/s pipelined like mlx-lm's generate_step (async_eval one step
     ahead) and the host time per step spent building the graph. The cache is trimmed back
@@ -215,7 +220,7 @@ def decode_rate(model, cache, steps):
 
     def step(y):
         t = time.perf_counter()
-        out = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+        out = next_token(model, cache, y)
         host[0] += time.perf_counter() - t
         return out
 

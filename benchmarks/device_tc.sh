@@ -28,12 +28,12 @@ case "${1:-smoke}" in
     timeout ${STEPS_S:-200} python3 benchmarks/step_costs.py --out $OUT \
       --context ${STEP_CONTEXTS:-4096 32768} 2>&1 | tee $OUT/steps.log ;;
   profile)
-    ls /usr/local/cuda/bin > $OUT/cuda_bin.txt
+    kinds=${PROFILE_KINDS:-fp16 turbo4 turbo3}
     for T in ${PROFILE_CONTEXTS:-4096 32768}; do
       timeout ${PROFILE_S:-240} /usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum \
         --profile-from-start off python3 benchmarks/profile_step.py --context $T \
-        --kinds ${PROFILE_KINDS:-fp16 turbo4 turbo3} > $OUT/step_$T.csv 2> $OUT/step_$T.err
+        --kinds $kinds > $OUT/step_$T.csv 2> $OUT/step_$T.err
       python3 benchmarks/profile_step.py --summarize $OUT/step_$T.csv --json $OUT/step_$T.json \
-        --kinds ${PROFILE_KINDS:-fp16 turbo4 turbo3} 2>&1 | tee $OUT/step_$T.txt
+        --kinds $kinds 2>&1 | tee $OUT/step_$T.txt
     done ;;
 esac

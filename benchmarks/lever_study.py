@@ -279,16 +279,16 @@ def configs(sets):
     # Session 7 (evaluation.md, section (f)); "all" keeps meaning the sets above.
     later = {}
     later["center"] = [
-        Config(f"{base} centered {what}", layers, center=what, window=w)
-        for base, layers, w in (("turbo3@all", T3, 0), ("turbo4@all", T4, 0))
+        Config(f"{base} centered {what}", layers, center=what)
+        for base, layers in (("turbo3@all", T3), ("turbo4@all", T4))
         for what in ("", "k", "v", "kv")
     ] + [
-        Config("turbo3 window 16, last turbo8v4", default3, window=16),
-        Config("turbo3v2 window 8, last turbo8v4",
-               per_layer(["turbo3v2"] * N, _5="turbo8v4"), window=8),  # fmt: skip
-        Config("turbo3 window 16, last turbo8v4, centered kv", default3, window=16, center="kv"),
-        Config("turbo3v2 window 8, last turbo8v4, centered kv",
-               per_layer(["turbo3v2"] * N, _5="turbo8v4"), window=8, center="kv"),  # fmt: skip
+        Config(f"{name}{', centered kv' if k else ''}", layers, window=w, center=k)
+        for name, layers, w in (
+            ("turbo3 window 16, last turbo8v4", default3, 16),
+            ("turbo3v2 window 8, last turbo8v4", per_layer(["turbo3v2"] * N, _5="turbo8v4"), 8),
+        )
+        for k in ("", "kv")
     ]
     later["center21"] = [
         Config(f"turbo3@all window {w}{' centered kv' if k else ''}", T3, window=w, center=k)

@@ -15,7 +15,7 @@ import time
 import mlx.core as mx
 
 import mlx_lm_turboquant
-from bench_kernels import _fill, llama8b
+from bench_kernels import _fill, llama8b, next_token
 
 
 def build_times(model, cache, steps=32):
@@ -24,7 +24,7 @@ def build_times(model, cache, steps=32):
     times = []
     for i in range(steps + 3):
         t = time.perf_counter()
-        nxt = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+        nxt = next_token(model, cache, y)
         if i >= 3:
             times.append(time.perf_counter() - t)
         mx.async_eval(nxt)

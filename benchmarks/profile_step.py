@@ -47,7 +47,7 @@ def _marker(kind):
 
 def profile(kinds, context, warmup=4):
     import mlx_lm_turboquant
-    from bench_kernels import _fill, llama8b
+    from bench_kernels import _fill, llama8b, next_token
 
     mlx_lm_turboquant.activate()
     start, stop = _profiler()
@@ -56,11 +56,11 @@ def profile(kinds, context, warmup=4):
         cache = _fill(model, kind, context)
         y = mx.array([1])
         for _ in range(warmup):  # kernel builds, allocator, compiled graphs
-            y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+            y = next_token(model, cache, y)
             mx.eval(y)
         mx.synchronize()
         start()
-        y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+        y = next_token(model, cache, y)
         mx.eval(y)
         mx.synchronize()
         _marker(kind)
@@ -96,8 +96,9 @@ def summarize(path, kinds):
             current = {}
             continue
         us = float(r["Metric Value"].replace(",", "")) * _UNITS[r["Metric Unit"]]
-        n, total = current.get(_short(r["Kernel Name"]), (0, 0.0))
-        current[_short(r["Kernel Name"])] = (n + 1, total + us)
+        family = _short(r["Kernel Name"])
+        n, total = current.get(family, (0, 0.0))
+        current[family] = (n + 1, total + us)
     if len(steps) != len(kinds):
         raise ValueError(f"{path}: {len(steps)} profiled steps, expected {len(kinds)} ({kinds})")
     out = {}

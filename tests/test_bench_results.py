@@ -1,5 +1,5 @@
-"""The GPU benchmark's result handling, which runs on any machine: merging runs' end-to-end
-rows and plotting them (the timing itself needs the GPU; see docs/kernels.md)."""
+"""The GPU benchmarks' result handling, which runs on any machine: merging runs' end-to-end
+rows and plotting them, summarizing a profiled decode step (the timing itself needs the GPU; see docs/kernels.md)."""
 
 import importlib.util
 import json
@@ -9,10 +9,9 @@ import pytest
 from conftest import ROOT
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_kernels", ROOT / "benchmarks" / "bench_kernels.py"
-    )
+def _benchmark(name):
+    """The script ``benchmarks/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -32,7 +31,7 @@ def _run(tmp_path, name, contexts, schemes):
 
 
 def test_merged_runs_sorted_by_context_and_plotted(tmp_path):
-    bench = _bench()
+    bench = _benchmark("bench_kernels")
     late = _run(tmp_path, "late.json", [65536, 131072], ["turbo4", "turbo3"])
     early = _run(tmp_path, "early.json", [4096, 32768], ["turbo4", "turbo3", "turbo2"])
     merged = bench.merge_e2e([late, early])
@@ -44,17 +43,8 @@ def test_merged_runs_sorted_by_context_and_plotted(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _profile_step():
-    spec = importlib.util.spec_from_file_location(
-        "profile_step", ROOT / "benchmarks" / "profile_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_step_profile_summary_splits_steps_at_the_markers(tmp_path):
-    prof = _profile_step()
+    prof = _benchmark("profile_step")
     header = ('"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"')
 
     def row(i, name, unit, value):

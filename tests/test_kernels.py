@@ -103,15 +103,26 @@ def test_failing_kernel_falls_back_with_one_warning(monkeypatch):
     assert mx.array_equal(packed, ref[0]) and mx.array_equal(again[1], ref[1])
 
 
+def _stub_kernels(seen=None):
+    """A ``kernel(op)`` lookup whose launches yield zeros of the requested outputs, appending
+    ``(op, inputs)`` to ``seen`` if given (one launch object per op, as the backends keep)."""
+
+    @lru_cache(maxsize=None)
+    def kernel(op):
+        def launch_(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            if seen is not None:
+                seen.append((op, inputs))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+        return launch_
+
+    return kernel
+
+
 def test_a_configurations_first_call_is_evaluated_in_the_guard(monkeypatch):
     """mlx builds a kernel lazily, so the first call of each kernel configuration is evaluated
     where a failure can still fall back; later calls of it stay lazy."""
-
-    def stub_kernel(op):  # a launch that yields zeros of the requested outputs
-        return lambda inputs, template, grid, threadgroup, output_shapes, output_dtypes: [
-            mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
-
-    kernel = lru_cache(maxsize=None)(stub_kernel)
+    kernel = _stub_kernels()
     cache, keys, values = _cache("turbo4")
     _fake_backend(monkeypatch, decode_attention=partial(launch.decode_attention, kernel, 48 << 10),
                   encode_kv=partial(launch.encode_kv, kernel))  # fmt: skip
@@ -137,22 +148,14 @@ def test_decode_steps_make_no_new_host_arrays(monkeypatch):
     the attention's small inputs (split sizes, token count, unused slots) are made once per
     capacity and count, and every layer of a step shares them."""
     seen = []
-
-    def stub_kernel(op):  # records the inputs, yields zeros of the requested outputs
-        def launch_(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-            seen.append((op, inputs))
-            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
-
-        return launch_
-
-    kernel = lru_cache(maxsize=None)(stub_kernel)
+    kernel = _stub_kernels(seen)
     layers = [_cache("turbo4")[0] for _ in range(2)]
     attend = partial(launch.decode_attention, kernel, 48 << 10)
     q = mx.random.normal((1, 4, 1, 64))
     for c in layers:  # capacity and token count as the next steps will see them
         attend(q, c, 0.125)
     small = {}  # attention input slot -> the arrays a step passed there
-    for step in range(2):
+    for _ in range(2):  # steps
         seen.clear()
         for c in layers:
             attend(q, c, 0.125)

@@ -167,11 +167,13 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
                           D * key_bits // 32, D * value_bits // 32, same, packed)  # fmt: skip
 
 
-def split_tokens(T: int, n_blocks: int, tile: int):
-    """(tokens per span, number of spans): about TARGET_BLOCKS blocks, whole tiles per span,
-    at least MIN_SPAN tokens per span."""
+def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None):
+    """(tokens per span, number of spans): about ``target_blocks`` blocks, whole tiles per
+    span, at least ``min_span`` tokens per span (defaults: TARGET_BLOCKS, MIN_SPAN)."""
+    target_blocks = TARGET_BLOCKS if target_blocks is None else target_blocks
+    min_span = MIN_SPAN if min_span is None else min_span
     n_tiles = -(-T // tile)
-    tiles_per_span = max(1, -(-MIN_SPAN // tile), -(-n_tiles * n_blocks // TARGET_BLOCKS))
+    tiles_per_span = max(1, -(-min_span // tile), -(-n_tiles * n_blocks // target_blocks))
     span = tiles_per_span * tile
     return span, -(-T // span)
 
@@ -206,7 +208,7 @@ def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks, min_span):
     when the cache grows, a step of 256 tokens; spans past the last token do nothing.
     Memoized: every layer and step of one capacity shares one device array (a new host
     array per call costs a transfer on CUDA before the launch can read it)."""
-    span, n_splits = split_tokens(cap, n_blocks, tile)
+    span, n_splits = split_tokens(cap, n_blocks, tile, target_blocks, min_span)
     return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
 
 
