@@ -89,6 +89,8 @@ class EmulatedKernel:
         ptrs = (ctypes.c_void_p * (len(host) + len(outs)))(*[x.ctypes.data for x in host + outs])
         nt = threadgroup[0]
         lib.tq_run(ptrs, grid[0] // nt, grid[1], nt)
+        # The inputs as the kernel left them (a GPU kernel may write an input in place).
+        self.inputs_after = host
         return [mx.array(o).view(d) if d == mx.bfloat16 else mx.array(o)
                 for o, d in zip(outs, output_dtypes)]  # fmt: skip
 

@@ -12,6 +12,7 @@ import warnings
 from functools import lru_cache, partial
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
@@ -312,6 +313,51 @@ def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, 
     apart = launch.decode_attention(emu.kernel, emu.SHARED_BYTES, q, _apart(cache), D**-0.5,
                                     mask=mask, sinks=s, tensor_cores=True)  # fmt: skip
     assert mx.array_equal(apart, fused)
+
+
+@needs_gxx
+def test_emulated_tensor_core_merge_over_many_spans(monkeypatch):
+    """The tensor-core kernel's fused merge: more spans than a warp has lanes, blocks
+    finishing in either order (the emulator runs odd KV heads' blocks last to first), a
+    counter left at zero for the next launch, and the same result as the separate reduce."""
+    import kernel_emulator as emu
+
+    monkeypatch.setattr(launch, "TARGET_BLOCKS", 4096)
+    monkeypatch.setattr(launch, "MIN_SPAN", 0)  # one 64-token tile per span
+    mx.random.seed(7)
+    D, n_kv, n_rep, tokens = 64, 2, 4, 2400
+    keys = (mx.random.normal((1, n_kv, tokens, D)) * 2.0).astype(mx.bfloat16)
+    values = mx.random.normal((1, n_kv, tokens, D)).astype(mx.bfloat16)
+    cache = TurboQuantKVCache("turbo4", layer_index=3)
+    cache.update_and_fetch(keys, values)
+    q = mx.random.normal((1, n_kv * n_rep, 1, D)).astype(mx.bfloat16)
+    _, s, exact = _mask_sinks_exact(q, keys, values, None, True)
+    run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
+                  sinks=s)  # fmt: skip
+    fused = run(tensor_cores=True)
+    kernel = emu.kernel("attention_tc")
+    meta = kernel.inputs_after[source.ATTENTION_TC_INPUTS.index("meta")]
+    assert meta[2] > 32  # spans
+    counter = kernel.inputs_after[source.ATTENTION_TC_INPUTS.index("counter")]
+    assert counter.shape[0] >= n_kv and not counter.any()
+    # the next launch on this cache takes this one's output as its (unread) `after` input
+    assert mx.array_equal(run(tensor_cores=True), fused)
+    after = kernel.inputs_after[source.ATTENTION_TC_INPUTS.index("after")]
+    assert (after == np.array(fused.view(mx.uint16))).all()
+    twin = reference_sdpa(q, cache, D**-0.5, sinks=s)
+    e_twin = _rms(twin, exact)
+    assert not mx.isnan(fused).any() and _rms(fused, exact) <= 2 * e_twin
+    assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin
+    assert _rms(run(tensor_cores=False), twin.astype(mx.float32)) < 0.05 * e_twin
+
+
+def test_fused_merge_caps_the_spans():
+    for plan in (launch.tensor_core_plan(128, 8, 1, 2, 2, True, 48 * 1024),
+                 launch.tensor_core_plan(64, 1, 1, 2, 3, False, 48 * 1024)):  # fmt: skip
+        assert plan.max_splits >= launch.TARGET_BLOCKS  # the cap binds only below one block/head
+    span, n = launch.split_tokens(131072, 1, 64, max_splits=100)
+    assert n <= 100 and span * n >= 131072 and span * (n - 1) < 131072
+    assert launch.split_tokens(131072, 1, 64, max_splits=10**6) == launch.split_tokens(131072, 1, 64)
 
 
 def test_tensor_core_plan_limits():

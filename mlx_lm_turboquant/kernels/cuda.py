@@ -60,6 +60,17 @@ __device__ __forceinline__ uint32_t tq_pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);  // lo in the low 16 bits
   return *reinterpret_cast<const uint32_t*>(&h);
 }
+// Cross-block hand-off (the tensor-core kernel's fused merge): a device-wide fence, a
+// counter that kernels only read in mlx's terms (inputs are const), and loads that skip the
+// SM's L1, which never saw the other blocks' stores.
+__device__ __forceinline__ void tq_fence() { __threadfence(); }
+__device__ __forceinline__ uint32_t tq_atomic_inc(const uint32_t* c) {
+  return atomicAdd(const_cast<uint32_t*>(c), 1u);
+}
+__device__ __forceinline__ void tq_atomic_reset(const uint32_t* c) {
+  atomicExch(const_cast<uint32_t*>(c), 0u);
+}
+__device__ __forceinline__ float tq_load_cg(const float* p) { return __ldcg(p); }
 // d += A B for one warp: A 16x16 fp16 (row major, 4 registers), B 16x8 fp16 (2 registers),
 // d 16x8 fp32 (4 registers), in the fragment layout of the PTX ISA for m16n8k16.
 __device__ __forceinline__ void tq_mma_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2,

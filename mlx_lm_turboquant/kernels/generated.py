@@ -156,7 +156,8 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
     return [attn, red]
 
 
-def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=False):
+def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=False,
+                        sinks=False, q_dtype=mx.float16):  # fmt: skip
     plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared, packed)
     if plan is None:
         return []
@@ -165,11 +166,13 @@ def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=
                     "array": (2, (False, True, True))}[mask]  # fmt: skip
     return [KernelConfig(
         "attention_tc",
-        tuple(plan.template(mx.float16, D**-0.5, mode, *mflags)),
-        ((mx.float16, R * D), (mx.float32, D * D), *_token_inputs(plan),
+        tuple(plan.template(q_dtype, D**-0.5, mode, *mflags)) + (("HAS_SINKS", sinks),),
+        ((q_dtype, R * D), (mx.float32, D * D), *_token_inputs(plan),
          (mx.float32, 1 << key_bits), (mx.float32, 1 << value_bits),
-         (mx.float32, 4096 * R if mode == 2 else 1), (mx.int32, 1), (mx.int32, 4)),
-        (mx.float32, mx.float32),
+         (mx.float32, 4096 * R if mode == 2 else 1), (mx.int32, 1), (mx.int32, 4),
+         (mx.float32, 32 if sinks else 1), (mx.float32, D * D), (mx.uint32, 8),
+         (q_dtype, 8 * R * D)),
+        (mx.float32, mx.float32, q_dtype),
     )]  # fmt: skip
 
 
@@ -211,11 +214,17 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
                 (mx.uint32, mx.float16, mx.uint32, mx.float16),
             ))  # fmt: skip
     if backend in ("cuda",):  # ops in CUDA_ONLY: no Metal version to compile
-        for D, n_rep, L, kb, vb, mask in ((128, 4, 1, 4, 4, None), (128, 1, 4, 3, 3, "causal"),
-                                          (64, 8, 1, 2, 4, "array"), (128, 4, 2, 4, 3, None),
-                                          (64, 2, 4, 3, 2, "causal")):  # fmt: skip
-            out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask)
-            out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask, packed=True)
+        tc_cases = [  # D, n_rep, L, key bits, value bits, mask, sinks, query dtype
+            (128, 4, 1, 4, 4, None, False, mx.bfloat16),
+            (128, 1, 4, 3, 3, "causal", True, mx.float16),
+            (64, 8, 1, 2, 4, "array", True, mx.bfloat16),
+            (128, 4, 2, 4, 3, None, False, mx.float16),
+            (64, 2, 4, 3, 2, "causal", False, mx.bfloat16),
+        ]
+        for D, n_rep, L, kb, vb, mask, sinks, q_dtype in tc_cases:
+            for packed in (False, True):
+                out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask, packed, sinks,
+                                           q_dtype)  # fmt: skip
     assert backend == "cuda" or not any(c.op in CUDA_ONLY for c in out)
     seen, unique = set(), []
     for c in out:

@@ -7,6 +7,7 @@ the pure-MLX path), never a wrong answer.
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, NamedTuple, Optional
@@ -145,6 +146,15 @@ class TensorCorePlan(_KernelPlan):
     TILE = TC_TILE
     Q_SH = True
 
+    @property
+    def max_splits(self) -> int:
+        """Spans the kernel's fused merge can weigh: R weights per span, the merged rows and
+        the sums share the block's table space (``big_sh`` in ``source.ATTENTION_TC``)."""
+        R, D = self.R, self.D
+        tables = (1 << 2 * self.KBITS) + (0 if self.SAME_TABLE else 1 << 2 * self.VBITS)
+        big = max(32 * tables, (TC_THREADS // 32) * (R * D + 2 * R))
+        return (big - R * D - R) // R
+
 
 @lru_cache(maxsize=None)
 def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes,
@@ -167,13 +177,17 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
                           D * key_bits // 32, D * value_bits // 32, same, packed)  # fmt: skip
 
 
-def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None):
+def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None,
+                 max_splits=None):  # fmt: skip
     """(tokens per span, number of spans): about ``target_blocks`` blocks, whole tiles per
-    span, at least ``min_span`` tokens per span (defaults: TARGET_BLOCKS, MIN_SPAN)."""
+    span, at least ``min_span`` tokens per span (defaults: TARGET_BLOCKS, MIN_SPAN), and
+    at most ``max_splits`` spans where given."""
     target_blocks = TARGET_BLOCKS if target_blocks is None else target_blocks
     min_span = MIN_SPAN if min_span is None else min_span
     n_tiles = -(-T // tile)
     tiles_per_span = max(1, -(-min_span // tile), -(-n_tiles * n_blocks // target_blocks))
+    if max_splits is not None:
+        tiles_per_span = max(tiles_per_span, -(-n_tiles // max_splits))
     span = tiles_per_span * tile
     return span, -(-T // span)
 
@@ -202,13 +216,13 @@ def _prepare_mask(mask, B, n_q_heads, L, T):
 
 
 @lru_cache(maxsize=1024)
-def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks, min_span):
+def _layout(cap, n_blocks, tile, n_kv_heads, target_blocks, min_span, max_splits):
     """``(n_splits, [capacity, span, n_splits, n_kv_heads])`` for the kernels. Spans follow
     the capacity, not the token count, so this array (and the launch shape) only changes
     when the cache grows, a step of 256 tokens; spans past the last token do nothing.
     Memoized: every layer and step of one capacity shares one device array (a new host
     array per call costs a transfer on CUDA before the launch can read it)."""
-    span, n_splits = split_tokens(cap, n_blocks, tile, target_blocks, min_span)
+    span, n_splits = split_tokens(cap, n_blocks, tile, target_blocks, min_span, max_splits)
     return n_splits, mx.array([cap, span, n_splits, n_kv_heads], dtype=mx.int32)
 
 
@@ -256,6 +270,34 @@ def _dummy(dtype=mx.float32):
     return _DUMMIES[dtype]
 
 
+class _Chain:
+    """A cache's state for the tensor-core kernel's fused merge: ``counter`` holds one zero
+    per (batch, KV head) that each launch counts up and its last block resets; ``last`` is
+    the previous launch's output. mlx orders GPU work by data alone (two launches that only
+    read the same counter could run at once and mix their counts), so each launch takes
+    ``last`` as an input it never reads: launches on one cache then run one after another.
+    Separate caches have separate counters and stay free to overlap."""
+
+    __slots__ = ("counter", "last", "__weakref__")
+
+    def __init__(self):
+        self.counter = None
+        self.last = None
+
+
+_CHAINS = weakref.WeakKeyDictionary()  # cache -> _Chain; a copied cache starts its own
+
+
+def _chain(cache, n_blocks) -> _Chain:
+    chain = _CHAINS.get(cache)
+    if chain is None:
+        chain = _CHAINS[cache] = _Chain()
+    if chain.counter is None or chain.counter.size < n_blocks:
+        # From a host buffer: a real zeroed allocation, never a lazy broadcast.
+        chain.counter = mx.array(np.zeros(n_blocks, np.uint32))
+    return chain
+
+
 class _Launch(NamedTuple):
     """Everything about one layer's attention launches that does not change per step."""
 
@@ -269,6 +311,7 @@ class _Launch(NamedTuple):
     float_keys: bool
     outside_query: bool  # the query is too large for shared memory: scaled (and rotated) here
     key_codec: object
+    max_splits: Optional[int]  # the fused merge's limit (tensor-core kernel), else None
 
 
 def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, tensor_cores,
@@ -310,8 +353,10 @@ def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads,
         rot = kcent = _dummy()
     else:
         rot, kcent = key_codec.rotation.matrix, key_codec.centroids
+    fused = op == "attention_tc"
     return _Launch(graph, plan.TILE, BH, rot, kcent, value_codec.centroids,
-                   value_codec.rotation.matrix_t, key_codec is None, not plan.Q_SH, key_codec)  # fmt: skip
+                   value_codec.rotation.matrix_t, key_codec is None, not plan.Q_SH, key_codec,
+                   plan.max_splits if fused else None)  # fmt: skip
 
 
 def decode_attention(
@@ -346,7 +391,8 @@ def decode_attention(
     )  # fmt: skip
     if setup is None:
         return None
-    n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS, MIN_SPAN)
+    n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS, MIN_SPAN,
+                             setup.max_splits)  # fmt: skip
     q = queries
     if setup.outside_query:  # once per query, never per key
         q = queries.astype(mx.float32) * scale
@@ -359,33 +405,52 @@ def decode_attention(
         keys = cache.keys.view(mx.uint32) if setup.float_keys else cache.keys
         key_norms = cache.value_norms if setup.float_keys else cache.key_norms
         values, value_norms = cache.values, cache.value_norms
+    chain = None if setup.max_splits is None else _chain(cache, setup.n_blocks)
     # The full-capacity buffers go in as they are (row-contiguous, so never copied).
     out = setup.graph(
         q, setup.rot, keys, key_norms, values, value_norms, setup.kcent,
         setup.vcent, _dummy() if mask_arr is None else mask_arr, device_tokens(cache), meta,
-        _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t, n_splits,
+        _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t,
+        _dummy(mx.uint32) if chain is None else chain.counter,
+        _dummy() if chain is None or chain.last is None else chain.last, n_splits,
     )  # fmt: skip
+    if chain is not None:
+        chain.last = out
     return out
 
 
 @lru_cache(maxsize=None)
 def _attention_graph(kernel, op, plan, template, out_shape, has_sinks, out_dtype, compiled):
-    """The two launches of one attention configuration as a function of arrays only (so a
-    compiled graph can never bake in one layer's rotation or one step's token count)."""
+    """The launches of one attention configuration (pass 1 and the reduce, or the tensor-core
+    kernel that does both) as a function of arrays only (so a compiled graph can never bake
+    in one layer's rotation or one step's token count)."""
     attn, reduce = kernel(op), kernel("reduce")
     R, D = plan.R, plan.D
     BH = out_shape[0] * out_shape[1] // plan.NREP  # batch x KV heads
     reduce_template = [("D", D), ("R", R), ("L", plan.L), ("NREP", plan.NREP),
                        ("HAS_SINKS", has_sinks), ("OutT", out_dtype)]  # fmt: skip
+    fused = op == "attention_tc"
 
     def run(q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta, sinks,
-            rot_t, n_splits):  # fmt: skip
+            rot_t, counter, after, n_splits):  # fmt: skip
+        inputs = [q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta]
+        partials = [(BH, n_splits, R, D), (BH, n_splits, R, 2)]
+        if fused:
+            _, _, out = attn(
+                inputs=inputs + [sinks, rot_t, counter, after],
+                template=list(template) + [("HAS_SINKS", has_sinks)],
+                grid=(n_splits * plan.NT, BH, 1),
+                threadgroup=(plan.NT, 1, 1),
+                output_shapes=partials + [out_shape],
+                output_dtypes=[mx.float32, mx.float32, out_dtype],
+            )
+            return out
         o_part, ml_part = attn(
-            inputs=[q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta],
+            inputs=inputs,
             template=list(template),
             grid=(n_splits * plan.NT, BH, 1),
             threadgroup=(plan.NT, 1, 1),
-            output_shapes=[(BH, n_splits, R, D), (BH, n_splits, R, 2)],
+            output_shapes=partials,
             output_dtypes=[mx.float32, mx.float32],
         )
         (out,) = reduce(

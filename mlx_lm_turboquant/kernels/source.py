@@ -386,8 +386,9 @@ ATTENTION = r"""
   }
 """
 
-# Decode attention, pass 1, on tensor cores (CUDA only: mma.sync m16n8k16, fp16 in, fp32
-# accumulate). Same inputs, outputs and partial format as ATTENTION, so REDUCE merges either.
+# Decode attention on tensor cores (CUDA only: mma.sync m16n8k16, fp16 in, fp32 accumulate):
+# pass 1 as ATTENTION (same partial format), then the last block of each (batch, KV head)
+# does REDUCE's merge, so one launch replaces two.
 # The scalar kernel spends ~100 warp instructions per token on centroid lookups and FMAs
 # (Nsight Compute, turbo4 at 128k: issue-bound, DRAM 20% busy); here the dot products run
 # on tensor cores and one shared-memory lookup decodes two codes at once.
@@ -408,7 +409,8 @@ ATTENTION = r"""
 #   two adjacent codes of one token, values the same dimension of two tokens. Keys and
 #   values share one table when they have the same codebook (SAME_TABLE).
 # Templates: D (64 or 128), R (<= 8 rows), L, NREP, KBITS / VBITS (2..4), WK / WV, SAME_TABLE,
-# SCALE_BITS, QT, MASK_MODE, MB, MH, ML, NT (128).
+# SCALE_BITS, QT (the query's and the output's dtype), MASK_MODE, MB, MH, ML, NT (128),
+# HAS_SINKS.
 ATTENTION_TC = r"""
   constexpr int NWARPS = NT / 32;
   constexpr int KC = D / 16;                 // k-chunks of the scores = m-tiles of the values
@@ -661,6 +663,95 @@ ATTENTION_TC = r"""
       ml_part[(part * R + r) * 2 + 1] = l;
     }
   }
+
+  // Pass 2 in the same launch: the block of this (batch, KV head) that finishes last merges
+  // every span's partials (and the sink), normalizes and rotates back, as REDUCE does in a
+  // launch of its own. counter[bh] is zero between launches: a block counts itself in once
+  // its partials are visible device-wide, and the last one sets the count back to zero.
+  TQ_SHARED int last_sh;
+  tq_fence();
+  TQ_BARRIER();
+  if (tq_tid == 0) {
+    last_sh = tq_atomic_inc(counter + bh) == (uint32_t)(n_splits - 1);
+  }
+  TQ_BARRIER();
+  if (!last_sh) {
+    return;
+  }
+  tq_fence();
+  if (tq_tid == 0) {
+    tq_atomic_reset(counter + bh);
+  }
+  // big_sh again (the warps' results are written out): merged rows, 1 / sums, span weights.
+  // launch.TensorCorePlan.max_splits keeps R * n_splits weights within it.
+  TQ_SHARED_PTR(float) y_sh = (TQ_SHARED_PTR(float))big_sh;  // [R][D]
+  TQ_SHARED_PTR(float) inv_sh = y_sh + R * D;                // [R]
+  TQ_SHARED_PTR(float) w_sh = inv_sh + R;                    // [R][n_splits]
+  const int64_t first = (int64_t)bh * n_splits;
+  for (int r = warp; r < R; r += NWARPS) {  // one warp per row, its lanes over the spans
+    float m = -TQ_INF;
+    for (int s = lane; s < n_splits; s += 32) {
+      m = tq_max(m, tq_load_cg(ml_part + ((first + s) * R + r) * 2));
+    }
+    m = tq_warp_max(m);
+    float sink = 0.0f;
+    if (HAS_SINKS) {
+      sink = sinks[kvh * NREP + r / L];
+      m = tq_max(m, sink);
+    }
+    const float m_use = m == -TQ_INF ? 0.0f : m;
+    float den = 0.0f;
+    for (int s = lane; s < n_splits; s += 32) {
+      const int64_t i = (first + s) * R + r;
+      const float w = tq_exp(tq_load_cg(ml_part + i * 2) - m_use);
+      w_sh[r * n_splits + s] = w;
+      den += w * tq_load_cg(ml_part + i * 2 + 1);
+    }
+    den = tq_warp_sum(den);
+    if (lane == 0) {
+      inv_sh[r] = 1.0f / (den + (HAS_SINKS ? tq_exp(sink - m_use) : 0.0f));
+    }
+  }
+  TQ_BARRIER();
+  {
+    // A thread's outputs i = tq_tid + k * NT all advance together over the spans, so
+    // 8 * OPT independent loads are in flight (one output at a time left 8).
+    constexpr int OPT = (R * D + NT - 1) / NT;
+    float o[OPT];
+    TQ_UNROLL for (int k = 0; k < OPT; ++k) {
+      o[k] = 0.0f;
+    }
+    TQ_UNROLL8 for (int s = 0; s < n_splits; ++s) {
+      TQ_UNROLL for (int k = 0; k < OPT; ++k) {
+        const int i = tq_tid + k * NT;
+        if (i < R * D) {
+          o[k] += w_sh[(i / D) * n_splits + s] * tq_load_cg(o_part + (first + s) * R * D + i);
+        }
+      }
+    }
+    TQ_UNROLL for (int k = 0; k < OPT; ++k) {
+      const int i = tq_tid + k * NT;
+      if (i < R * D) {
+        y_sh[i] = o[k] * inv_sh[i / D];
+      }
+    }
+  }
+  TQ_BARRIER();
+  for (int d = tq_tid; d < D; d += NT) {  // each element of rot_t read once for all rows
+    float y[R];
+    TQ_UNROLL for (int r = 0; r < R; ++r) {
+      y[r] = 0.0f;
+    }
+    TQ_UNROLL32 for (int j = 0; j < D; ++j) {
+      const float rt = rot_t[j * D + d];
+      TQ_UNROLL for (int r = 0; r < R; ++r) {
+        y[r] += y_sh[r * D + j] * rt;
+      }
+    }
+    TQ_UNROLL for (int r = 0; r < R; ++r) {
+      out[((int64_t)bh * R + r) * D + d] = static_cast<QT>(y[r]);
+    }
+  }
 """
 
 # Decode attention, pass 2: merge the spans of one row (and the sink), normalize, and
@@ -816,6 +907,11 @@ ATTENTION_INPUTS = (
     "meta",
 )  # fmt: skip
 ATTENTION_OUTPUTS = ("o_part", "ml_part")
+# The tensor-core kernel also merges the spans (REDUCE's work): it takes REDUCE's extra
+# inputs, a counter per (batch, KV head) and `after`, an array it never reads that orders
+# it after the previous launch on the same counter (see launch._Chain).
+ATTENTION_TC_INPUTS = ATTENTION_INPUTS + ("sinks", "rot_t", "counter", "after")
+ATTENTION_TC_OUTPUTS = ATTENTION_OUTPUTS + ("out",)
 REDUCE_INPUTS = ("o_part", "ml_part", "sinks", "rot_t", "meta")
 REDUCE_OUTPUTS = ("out",)
 ENCODE_INPUTS = ("xk", "xv_in", "rk", "rv", "bk", "bv", "ck", "cv_in")
@@ -823,7 +919,7 @@ ENCODE_OUTPUTS = ("pk", "nk", "pv", "nv")
 
 OPS = {
     "attention": (ATTENTION, ATTENTION_INPUTS, ATTENTION_OUTPUTS),
-    "attention_tc": (ATTENTION_TC, ATTENTION_INPUTS, ATTENTION_OUTPUTS),
+    "attention_tc": (ATTENTION_TC, ATTENTION_TC_INPUTS, ATTENTION_TC_OUTPUTS),
     "reduce": (REDUCE, REDUCE_INPUTS, REDUCE_OUTPUTS),
     "encode": (ENCODE, ENCODE_INPUTS, ENCODE_OUTPUTS),
 }

@@ -3,6 +3,7 @@
 // synchronization without a GPU. Shared memory is a function-local static (one block runs
 // at a time); a warp is 32 threads meeting at a std::barrier.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -123,6 +124,12 @@ inline uint32_t tq_pack_half2(float lo, float hi) {
 inline float tq_emu_half(uint32_t word, int i) {
   return tq_emu_h2f(tq_half{(uint16_t)(word >> (16 * i))});
 }
+// Blocks run one at a time, so the cross-block hand-off needs no more than this.
+inline void tq_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline uint32_t tq_atomic_inc(const uint32_t* c) { return (*const_cast<uint32_t*>(c))++; }
+inline void tq_atomic_reset(const uint32_t* c) { *const_cast<uint32_t*>(c) = 0u; }
+inline float tq_load_cg(const float* p) { return *p; }
+
 // mma.sync m16n8k16 (fp16 x fp16 + fp32) with the PTX ISA's fragment layout: lane =
 // 4 * group + t; A rows group / group + 8, columns 2t + {0, 1} (+ 8); B columns (n) group,
 // rows (k) 2t + {0, 1} (+ 8); C / D rows group / group + 8, columns 2t + {0, 1}.
@@ -156,10 +163,13 @@ inline void tq_mma_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32
   }
 }
 
+// Rows of blocks with an odd blockIdx.y run their blocks last to first: a GPU promises no
+// order, and a kernel that relied on one would then fail.
 template <typename F>
 void tq_emu_launch(int gx, int gy, int nt, F body) {
   for (int by = 0; by < gy; ++by) {
-    for (int bx = 0; bx < gx; ++bx) {
+    for (int i = 0; i < gx; ++i) {
+      const int bx = by % 2 ? gx - 1 - i : i;
       std::barrier<> block(nt);
       tq_emu_block_barrier = &block;
       std::vector<std::barrier<>*> warps;
