@@ -126,6 +126,11 @@ def _token_inputs(plan, tokens=4096):
             (mx.uint32, tokens * plan.WV), (mx.float16, tokens))  # fmt: skip
 
 
+# mask kind -> (MASK_MODE, (MB, MH, ML)): an array mask varies over query heads and queries.
+_MASK_MODES = {None: (0, (False,) * 3), "causal": (1, (False,) * 3),
+               "array": (2, (False, True, True))}  # fmt: skip
+
+
 def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mask, sinks,
                        packed=False):  # fmt: skip
     plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_bits, shared, packed)
@@ -133,8 +138,7 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
         return []
     q_dtype = key_dtype if plan.Q_SH else mx.float32
     R = plan.R
-    mode, mflags = {None: (0, (False,) * 3), "causal": (1, (False,) * 3),
-                    "array": (2, (False, True, True))}[mask]  # fmt: skip
+    mode, mflags = _MASK_MODES[mask]
     kb = plan.KBITS
     kcent = 1 << kb if kb < 16 else 1
     attn = KernelConfig(
@@ -162,8 +166,7 @@ def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=
     if plan is None:
         return []
     R = plan.R
-    mode, mflags = {None: (0, (False,) * 3), "causal": (1, (False,) * 3),
-                    "array": (2, (False, True, True))}[mask]  # fmt: skip
+    mode, mflags = _MASK_MODES[mask]
     return [KernelConfig(
         "attention_tc",
         tuple(plan.template(q_dtype, D**-0.5, mode, *mflags)) + (("HAS_SINKS", sinks),),

@@ -74,6 +74,7 @@ class AttentionPlan(_KernelPlan):
     RW: int
     Q_SH: bool
     PACKED: bool  # one row per token (see cache.TurboQuantKVCache.packed)
+    max_splits = None  # the separate reduce merges any number of spans
 
     def _extra_template(self):
         return [("PREP_Q", self.Q_SH)]
@@ -147,13 +148,18 @@ class TensorCorePlan(_KernelPlan):
     Q_SH = True
 
     @property
-    def max_splits(self) -> int:
-        """Spans the kernel's fused merge can weigh: R weights per span, the merged rows and
-        the sums share the block's table space (``big_sh`` in ``source.ATTENTION_TC``)."""
-        R, D = self.R, self.D
+    def table_words(self) -> int:
+        """32-bit words of the block's table space (``big_sh`` in ``source.ATTENTION_TC``):
+        the centroid-pair tables, later the warps' results, then the merge's arrays."""
         tables = (1 << 2 * self.KBITS) + (0 if self.SAME_TABLE else 1 << 2 * self.VBITS)
-        big = max(32 * tables, (TC_THREADS // 32) * (R * D + 2 * R))
-        return (big - R * D - R) // R
+        return max(32 * tables, (self.NT // 32) * (self.R * self.D + 2 * self.R))
+
+    @property
+    def max_splits(self) -> int:
+        """Spans the kernel's fused merge can weigh: R weights per span beside the merged
+        rows and the sums in the table space."""
+        R = self.R
+        return (self.table_words - R * self.D - R) // R
 
 
 @lru_cache(maxsize=None)
@@ -169,12 +175,9 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
     if not (2 <= key_bits <= 4 and 2 <= value_bits <= 4):
         return None
     same = bool(same_table) and key_bits == value_bits
-    tables = (1 << 2 * key_bits) + (0 if same else 1 << 2 * value_bits)
-    merge = (TC_THREADS // 32) * (R * D + 2 * R)
-    if 4 * (max(32 * tables, merge) + D * R) > shared_bytes:
-        return None
-    return TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
+    plan = TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
                           D * key_bits // 32, D * value_bits // 32, same, packed)  # fmt: skip
+    return plan if 4 * (plan.table_words + D * R) <= shared_bytes else None
 
 
 def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None,
@@ -353,10 +356,9 @@ def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads,
         rot = kcent = _dummy()
     else:
         rot, kcent = key_codec.rotation.matrix, key_codec.centroids
-    fused = op == "attention_tc"
     return _Launch(graph, plan.TILE, BH, rot, kcent, value_codec.centroids,
                    value_codec.rotation.matrix_t, key_codec is None, not plan.Q_SH, key_codec,
-                   plan.max_splits if fused else None)  # fmt: skip
+                   plan.max_splits)  # fmt: skip
 
 
 def decode_attention(
