@@ -1,6 +1,6 @@
 #!/bin/bash
 # Tensor-core attention on the lent GPU, one step per call (see docs/kernels.md):
-#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile ; results land in $OUT.
+#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|ktimes ; results land in $OUT.
 set -o pipefail
 export PYTHONPATH=/root/mlx-site:$PWD PYTHONUNBUFFERED=1
 case "${1:-smoke}" in
@@ -35,5 +35,15 @@ case "${1:-smoke}" in
         --kinds $kinds > $OUT/step_$T.csv 2> $OUT/step_$T.err
       python3 benchmarks/profile_step.py --summarize $OUT/step_$T.csv --json $OUT/step_$T.json \
         --kinds $kinds 2>&1 | tee $OUT/step_$T.txt
+    done ;;
+  ktimes)
+    # GPU time of single attention calls at the clocks a user's run gets (the profiler
+    # serializes kernels and flushes the caches between them); one CSV per scheme and length.
+    for T in ${KT_CONTEXTS:-32768 131072}; do
+      for s in ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2}; do
+        timeout ${KT_S:-90} /usr/local/cuda/bin/ncu --csv --clock-control none \
+          --metrics gpu__time_duration.sum python3 benchmarks/profile_attention.py \
+          --context $T --scheme $s --calls 5 > $OUT/kt_${s}_$T.csv 2> /dev/null
+      done
     done ;;
 esac

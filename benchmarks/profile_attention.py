@@ -2,9 +2,20 @@
 
     ncu --section WarpStateStats --section SchedulerStats -k regex:attention -c 1 \\
         python benchmarks/profile_attention.py --context 131072
+
+``--scheme fp16`` runs mlx's own SDPA on a bf16 cache of the same shape instead, so both
+kernels can be timed by one profiler command (``--clock-control none`` for the clocks a
+user's run gets). ``bash benchmarks/device_tc.sh ktimes`` writes one CSV per scheme and
+length; ``--summarize DIR [DIR ...]`` turns them into a table and JSON (one directory per
+code version, the first one's fp16 as the baseline).
 """
 
 import argparse
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -12,20 +23,76 @@ import mlx_lm_turboquant
 from mlx_lm_turboquant import TurboQuantKVCache, turboquant_sdpa
 
 
+_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+
+
+def call_times(path):
+    """GPU microseconds of each attention call in an ncu CSV: our kernel, or cuDNN's SDPA
+    plus the reduction that follows it."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.startswith('"')]
+    calls = []
+    for r in csv.DictReader(io.StringIO("\n".join(lines))):
+        if r.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = r["Kernel Name"]
+        us = float(r["Metric Value"].replace(",", "")) * _UNITS[r["Metric Unit"]]
+        if "turboquant_attention" in name or "sdpa" in name:
+            calls.append(us)
+        elif "lean_reduction" in name and calls:
+            calls[-1] += us
+    return calls
+
+
+def summarize(dirs, out=None):
+    """Median GPU time per call (the first call, which compiles, left out) per scheme and
+    length, for each directory of ``kt_<scheme>_<tokens>.csv``; ratios to the first
+    directory's fp16."""
+    table = {}
+    for d in dirs:
+        for f in sorted(Path(d).glob("kt_*_*.csv")):
+            _, scheme, tokens = f.stem.split("_")
+            calls = call_times(f)
+            if len(calls) < 2:
+                raise ValueError(f"{f}: {len(calls)} attention calls, need at least 2")
+            table.setdefault(int(tokens), {})[f"{Path(d).name}/{scheme}"] = {
+                "us": statistics.median(calls[1:]), "calls_us": calls}
+    for tokens, row in sorted(table.items()):
+        fp16 = row.get(f"{Path(dirs[0]).name}/fp16", {}).get("us")
+        cells = []
+        for key, r in row.items():
+            ratio = f" {fp16 / r['us']:.2f}x" if fp16 and not key.endswith("/fp16") else ""
+            cells.append(f"{key} {r['us']:.1f} us{ratio}")
+        print(f"{tokens:>7} | " + " | ".join(cells))
+    if out:
+        Path(out).write_text(json.dumps(table, indent=1))
+    return table
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", type=int, default=131072)
     p.add_argument("--scheme", default="turbo4")
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--summarize", nargs="+", metavar="DIR",
+                   help="print (and with --json write) the table of ktimes CSVs")
+    p.add_argument("--json", help="with --summarize: write the table here")
     args = p.parse_args()
+    if args.summarize:
+        summarize(args.summarize, args.json)
+        return
     mlx_lm_turboquant.activate()
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
+    if args.scheme == "fp16":
+        k, v = (mx.random.normal((1, 8, args.context, 128)).astype(mx.bfloat16) for _ in "kv")
+        for _ in range(args.calls):
+            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5))
+        return
     cache = TurboQuantKVCache(args.scheme)
     for start in range(0, args.context, 8192):  # in chunks: bounded temporary memory
         n = min(8192, args.context - start)
         k = mx.random.normal((1, 8, n, 128)).astype(mx.bfloat16)
         cache.update_and_fetch(k, k)
         mx.eval(cache.keys, cache.values)
-    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
     for _ in range(args.calls):
         mx.eval(turboquant_sdpa(q, cache, 128**-0.5))
 

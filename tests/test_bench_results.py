@@ -70,3 +70,39 @@ def test_step_profile_summary_splits_steps_at_the_markers(tmp_path):
     (tmp_path / "empty.csv").write_text("no table here\n")
     with pytest.raises(ValueError, match="no ncu CSV table"):
         prof.summarize(tmp_path / "empty.csv", ["fp16"])
+
+
+def test_attention_call_times_pair_cudnn_with_its_reduction(tmp_path):
+    prof = _benchmark("profile_attention")
+    header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
+
+    def row(i, name, unit, value):
+        return f'"{i}","{name}","gpu__time_duration.sum","{unit}","{value}"'
+
+    fp16 = tmp_path / "this" / "kt_fp16_4096.csv"
+    turbo = tmp_path / "this" / "kt_turbo4_4096.csv"
+    fp16.parent.mkdir()
+    fp16.write_text("\n".join([
+        "==PROF== Connected to process", header,
+        row(0, "void mlx::core::cu::rbitsc(const unsigned int*)", "ns", "7,000"),
+        row(1, "cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "ns", "90,000"),
+        row(2, "void cudnn::lean_reduction_kernel<0, 0, 0>(void*)", "ns", "5,000"),
+        row(3, "cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "us", "50"),
+        row(4, "void cudnn::lean_reduction_kernel<0, 0, 0>(void*)", "us", "4"),
+        row(5, "cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "us", "52"),
+        row(6, "void cudnn::lean_reduction_kernel<0, 0, 0>(void*)", "us", "4")]))  # fmt: skip
+    turbo.write_text("\n".join([
+        header, row(0, "custom_kernel_turboquant_encode_128_4", "us", "9"),
+        row(1, "custom_kernel_turboquant_attention_tc_128_4", "us", "80"),
+        row(2, "custom_kernel_turboquant_attention_tc_128_4", "us", "27"),
+        row(3, "custom_kernel_turboquant_attention_tc_128_4", "us", "28")]))  # fmt: skip
+    assert prof.call_times(fp16) == [95.0, 54.0, 56.0]
+    assert prof.call_times(turbo) == [80.0, 27.0, 28.0]
+    table = prof.summarize([tmp_path / "this"], tmp_path / "kt.json")
+    # the first (compiling) call is left out of the median
+    assert table[4096]["this/fp16"]["us"] == 55.0
+    assert table[4096]["this/turbo4"]["us"] == 27.5
+    assert json.loads((tmp_path / "kt.json").read_text())["4096"]["this/turbo4"]["us"] == 27.5
+    turbo.write_text(header + "\n" + row(1, "custom_kernel_turboquant_attention_tc", "us", "8"))
+    with pytest.raises(ValueError, match="1 attention calls"):
+        prof.summarize([tmp_path / "this"])

@@ -47,6 +47,7 @@ __device__ __forceinline__ float tq_warp_max(float v) {
   }
   return v;
 }
+__device__ __forceinline__ bool tq_warp_any(bool p) { return __any_sync(0xffffffffu, p); }
 __device__ __forceinline__ float tq_shfl_xor(float v, int m) {
   return __shfl_xor_sync(0xffffffffu, v, m);
 }
@@ -59,6 +60,21 @@ __device__ __forceinline__ uint32_t tq_funnel(uint32_t lo, uint32_t hi, int shif
 __device__ __forceinline__ uint32_t tq_pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);  // lo in the low 16 bits
   return *reinterpret_cast<const uint32_t*>(&h);
+}
+// A 32-bit shared-memory address and a load from one: an address is then one LEA from an
+// index (a generic pointer costs two multiply-adds per load).
+typedef uint32_t tq_saddr_t;
+__device__ __forceinline__ tq_saddr_t tq_shared_addr(const uint32_t* p) {
+  return (tq_saddr_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ uint32_t tq_lds(tq_saddr_t a) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+  return v;
+}
+// Byte k (0 = lowest) of w.
+__device__ __forceinline__ uint32_t tq_byte(uint32_t w, int k) {
+  return __byte_perm(w, 0u, 0x4440 + k);
 }
 // Cross-block hand-off (the tensor-core kernel's fused merge): a device-wide fence, a
 // counter that kernels only read in mlx's terms (inputs are const), and loads that skip the

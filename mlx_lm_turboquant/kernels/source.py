@@ -478,6 +478,16 @@ ATTENTION_TC = r"""
   float m_run = -TQ_INF;  // row g, replicated over the 4 lanes of the group
   float l_run = 0.0f;     // this lane's share of row g's sum
 
+  // 2- and 4-bit codes never straddle words: a pair index is then a whole field of a word
+  // (a byte for 4-bit codes), one extract where the general path shifts, masks and joins.
+  constexpr bool KFIELDS = KBITS == 2 || KBITS == 4;
+  constexpr bool VFIELDS = VBITS == 2 || VBITS == 4;
+  // Shared address of this lane's copy of entry 0; entry e is 128 * e bytes further.
+  const tq_saddr_t ktab_lane = tq_shared_addr(ktab + lane);
+  const tq_saddr_t vtab_lane = tq_shared_addr(vtab + lane);
+  auto field = [&](uint32_t w, int pos, int width) -> uint32_t {
+    return width == 8 ? tq_byte(w, pos >> 3) : (w >> pos) & ((1u << width) - 1);
+  };
   const int kw0 = (c * KSPAN) >> 5, ksh = (c * KSPAN) & 31;
   const int vw0 = (g * VSPAN) >> 5, vsh = (g * VSPAN) & 31;
   const int r_mask = g < R ? g : 0;  // a valid row for mask reads of padding rows
@@ -509,8 +519,14 @@ ATTENTION_TC = r"""
         vx[j][i] = ok ? values[(tok0 + t) * (PACKED ? PROW : WV) + (PACKED ? WK : 0) + vw0 + i]
                       : 0u;
       }
-      vnx[j] = t < t_end ? """ + _value_norm("tok0 + t") + r""" : 0.0f;
-      knx[j] = t < t_end ? """ + _key_norm("tok0 + t") + r""" : 0.0f;
+      if (PACKED) {  // one load for the word that holds both norms
+        const uint32_t nw = t < t_end ? keys[(tok0 + t) * PROW + WK + WV] : 0u;
+        knx[j] = tq_half_bits(nw & 0xFFFFu);
+        vnx[j] = tq_half_bits(nw >> 16);
+      } else {
+        knx[j] = t < t_end ? TQ_HALF_TO_FLOAT(key_norms[tok0 + t]) : 0.0f;
+        vnx[j] = t < t_end ? TQ_HALF_TO_FLOAT(value_norms[tok0 + t]) : 0.0f;
+      }
     }
   };
   load(t_begin + 16 * warp, kw, vw, kn, vn);
@@ -531,11 +547,15 @@ ATTENTION_TC = r"""
         uint32_t bfrag[2];
         TQ_UNROLL for (int hh = 0; hh < 2; ++hh) {
           const int bit = (2 * kk + hh) * 2 * KBITS;  // code pair within this thread's span
+          if (KFIELDS) {
+            bfrag[hh] = tq_lds(ktab_lane + (field(a[bit >> 5], bit & 31, 2 * KBITS) << 7));
+            continue;
+          }
           uint32_t e = a[bit >> 5] >> (bit & 31);
           if ((bit & 31) + 2 * KBITS > 32) {
             e |= a[((bit >> 5) + 1) % AWK] << (32 - (bit & 31));
           }
-          bfrag[hh] = ktab[(e & (KTAB - 1)) * 32 + lane];
+          bfrag[hh] = tq_lds(ktab_lane + ((e & (KTAB - 1)) << 7));
         }
         tq_mma_16816(s[h], qa[kk][0], 0u, qa[kk][1], 0u, bfrag[0], bfrag[1]);
       }
@@ -572,9 +592,17 @@ ATTENTION_TC = r"""
     }
     l_run = l_run * alpha + psum;
     // The value accumulators hold rows 2c and 2c + 1: their rescale factors live in the
-    // groups of those rows.
-    const float a0 = tq_shfl(alpha, 8 * c);
-    const float a1 = tq_shfl(alpha, 8 * c + 4);
+    // groups of those rows. Late in a span the maxima rarely move: no row rescales then.
+    if (tq_warp_any(alpha != 1.0f)) {
+      const float a0 = tq_shfl(alpha, 8 * c);
+      const float a1 = tq_shfl(alpha, 8 * c + 4);
+      TQ_UNROLL for (int mt = 0; mt < KC; ++mt) {
+        acc[mt][0] *= a0;
+        acc[mt][1] *= a1;
+        acc[mt][2] *= a0;
+        acc[mt][3] *= a1;
+      }
+    }
     const uint32_t pb0 = g < R ? tq_pack_half2(p[0], p[1]) : 0u;
     const uint32_t pb1 = g < R ? tq_pack_half2(p[2], p[3]) : 0u;
 
@@ -585,13 +613,27 @@ ATTENTION_TC = r"""
         av[j][i] = NWV > AWV ? tq_funnel(vw[j][i], vw[j][(i + 1) % NWV], vsh) : vw[j][i];
       }
     }
+    // With whole fields (VFIELDS), interleave the codes of each token pair once: field k
+    // (2 * VBITS bits) of zv[p][o][i] is the pair index of stored dimension 2k + o of word i
+    // for tokens 2p, 2p + 1 of the four (the first token's code in the low half).
+    constexpr uint32_t EVEN = VBITS == 4 ? 0x0F0F0F0Fu : 0x33333333u;
+    uint32_t zv[2][2][AWV];
+    TQ_UNROLL for (int pr = 0; pr < 2; ++pr) {
+      TQ_UNROLL for (int i = 0; i < AWV; ++i) {
+        const uint32_t x = av[2 * pr][i], y = av[2 * pr + 1][i];
+        zv[pr][0][i] = VFIELDS ? (x & EVEN) | ((y << VBITS) & ~EVEN) : 0u;
+        zv[pr][1][i] = VFIELDS ? ((x >> VBITS) & EVEN) | (y & ~EVEN) : 0u;
+      }
+    }
     TQ_UNROLL for (int mt = 0; mt < KC; ++mt) {
-      acc[mt][0] *= a0;
-      acc[mt][1] *= a1;
-      acc[mt][2] *= a0;
-      acc[mt][3] *= a1;
       uint32_t afrag[4];
       TQ_UNROLL for (int f = 0; f < 4; ++f) {
+        if (VFIELDS) {
+          const int bit = 2 * mt * VBITS;  // the even dimension's code
+          const uint32_t e = field(zv[f >> 1][f & 1][bit >> 5], bit & 31, 2 * VBITS);
+          afrag[f] = tq_lds(vtab_lane + (e << 7));
+          continue;
+        }
         // f: (dim 2mt + (f & 1), tokens of pair f >> 1): a0 (dim, 2c..), a1 (dim + 1, 2c..),
         // a2 (dim, 2c + 8..), a3 (dim + 1, 2c + 8..)
         const int bit = (2 * mt + (f & 1)) * VBITS;
@@ -603,7 +645,7 @@ ATTENTION_TC = r"""
           hi |= av[j + 1][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
         }
         const uint32_t e = (lo & ((1u << VBITS) - 1)) | ((hi & ((1u << VBITS) - 1)) << VBITS);
-        afrag[f] = vtab[e * 32 + lane];
+        afrag[f] = tq_lds(vtab_lane + (e << 7));
       }
       tq_mma_16816(acc[mt], afrag[0], afrag[1], afrag[2], afrag[3], pb0, pb1);
     }

@@ -101,6 +101,9 @@ inline float tq_emu_warp_reduce(float v, Op op) {
 inline float tq_warp_sum(float v) {
   return tq_emu_warp_reduce(v, [](float a, float b) { return a + b; });
 }
+inline bool tq_warp_any(bool p) {
+  return tq_emu_warp_reduce(p ? 1.0f : 0.0f, [](float a, float b) { return std::fmax(a, b); }) > 0;
+}
 inline float tq_warp_max(float v) {
   return tq_emu_warp_reduce(v, [](float a, float b) { return std::fmax(a, b); });
 }
@@ -124,6 +127,10 @@ inline uint32_t tq_pack_half2(float lo, float hi) {
 inline float tq_emu_half(uint32_t word, int i) {
   return tq_emu_h2f(tq_half{(uint16_t)(word >> (16 * i))});
 }
+typedef uintptr_t tq_saddr_t;
+inline tq_saddr_t tq_shared_addr(const uint32_t* p) { return (tq_saddr_t)p; }
+inline uint32_t tq_lds(tq_saddr_t a) { return *reinterpret_cast<const uint32_t*>(a); }
+inline uint32_t tq_byte(uint32_t w, int k) { return (w >> (8 * k)) & 0xFFu; }
 // Blocks run one at a time, so the cross-block hand-off needs no more than this.
 inline void tq_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline uint32_t tq_atomic_inc(const uint32_t* c) { return (*const_cast<uint32_t*>(c))++; }
