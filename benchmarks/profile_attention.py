@@ -11,10 +11,9 @@ code version, the first one's fp16 as the baseline).
 """
 
 import argparse
-import csv
-import io
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,20 +21,15 @@ import mlx.core as mx
 import mlx_lm_turboquant
 from mlx_lm_turboquant import TurboQuantKVCache, turboquant_sdpa
 
-
-_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import kernel_durations  # noqa: E402  (a sibling script)
 
 
 def call_times(path):
     """GPU microseconds of each attention call in an ncu CSV: our kernel, or cuDNN's SDPA
     plus the reduction that follows it."""
-    lines = [ln for ln in Path(path).read_text().splitlines() if ln.startswith('"')]
     calls = []
-    for r in csv.DictReader(io.StringIO("\n".join(lines))):
-        if r.get("Metric Name") != "gpu__time_duration.sum":
-            continue
-        name = r["Kernel Name"]
-        us = float(r["Metric Value"].replace(",", "")) * _UNITS[r["Metric Unit"]]
+    for name, us in kernel_durations(path):
         if "turboquant_attention" in name or "sdpa" in name:
             calls.append(us)
         elif "lean_reduction" in name and calls:

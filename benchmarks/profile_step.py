@@ -81,22 +81,27 @@ def _short(name):
     return re.sub(r"_[0-9a-f]{6,}$", "", name)[:56]
 
 
-def summarize(path, kinds):
-    """Per kind: kernel count, GPU microseconds, and the families that take the time."""
+def kernel_durations(path):
+    """``[(kernel name, GPU microseconds)]`` in launch order from an ncu CSV of
+    ``gpu__time_duration.sum`` (the profiler's own log lines skipped)."""
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.startswith('"')]
     rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
     if not rows or "Kernel Name" not in rows[0]:
         raise ValueError(f"{path}: no ncu CSV table (run ncu with --csv)")
+    return [(r["Kernel Name"],
+             float(r["Metric Value"].replace(",", "")) * _UNITS[r["Metric Unit"]])
+            for r in rows if r.get("Metric Name") == "gpu__time_duration.sum"]  # fmt: skip
+
+
+def summarize(path, kinds):
+    """Per kind: kernel count, GPU microseconds, and the families that take the time."""
     steps, current = [], {}
-    for r in rows:
-        if r.get("Metric Name") != "gpu__time_duration.sum":
-            continue
-        if MARKER in r["Kernel Name"]:
+    for name, us in kernel_durations(path):
+        if MARKER in name:
             steps.append(current)
             current = {}
             continue
-        us = float(r["Metric Value"].replace(",", "")) * _UNITS[r["Metric Unit"]]
-        family = _short(r["Kernel Name"])
+        family = _short(name)
         n, total = current.get(family, (0, 0.0))
         current[family] = (n + 1, total + us)
     if len(steps) != len(kinds):
