@@ -2,6 +2,7 @@
 (one slice update per step), and read out exactly what four separate arrays would hold."""
 
 import copy
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -120,3 +121,13 @@ def test_device_token_count_is_shared_and_follows_trims():
         count = launch.device_tokens(a)
         assert count.dtype == mx.int32 and count.tolist() == [a.attended_tokens]
         assert launch.device_tokens(b) is count
+
+
+@pytest.mark.parametrize("n", [0, 7, (1 << 16) - 1, 1 << 16, 200_003])
+def test_device_token_count_is_a_view_of_one_device_arange(n):
+    # Counts past the arange's length grow it; every count reads back as itself.
+    count = launch.device_tokens(SimpleNamespace(attended_tokens=n))
+    assert count.dtype == mx.int32 and count.shape == (1,) and count.tolist() == [n]
+    assert launch._COUNTS.size > n
+    other = launch.device_tokens(SimpleNamespace(attended_tokens=n + 1))
+    assert other.tolist() == [n + 1] and launch._COUNTS.size > n + 1
