@@ -38,12 +38,11 @@ case "${1:-smoke}" in
     done ;;
   ktimes)
     # GPU time of single attention calls at the clocks a user's run gets (the profiler
-    # serializes kernels and flushes the caches between them); one CSV per scheme and length.
-    for T in ${KT_CONTEXTS:-32768 131072}; do
-      for s in ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2}; do
-        timeout ${KT_S:-90} /usr/local/cuda/bin/ncu --csv --clock-control none \
-          --metrics gpu__time_duration.sum python3 benchmarks/profile_attention.py \
-          --context $T --scheme $s --calls 5 > $OUT/kt_${s}_$T.csv 2> /dev/null
-      done
-    done ;;
+    # serializes kernels and flushes the caches between them), every scheme and length in
+    # one process: kt.csv, and kt_order.json to tell the calls apart.
+    timeout ${KT_S:-300} /usr/local/cuda/bin/ncu --csv --clock-control none \
+      --metrics gpu__time_duration.sum -k regex:"attention|sdpa|lean_reduction" \
+      python3 benchmarks/profile_attention.py --context ${KT_CONTEXTS:-4096 32768 131072} \
+      --scheme ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2} --calls 5 \
+      --order $OUT/kt_order.json > $OUT/kt.csv 2> $OUT/kt.err ;;
 esac

@@ -5,9 +5,11 @@
 
 ``--scheme fp16`` runs mlx's own SDPA on a bf16 cache of the same shape instead, so both
 kernels can be timed by one profiler command (``--clock-control none`` for the clocks a
-user's run gets). ``bash benchmarks/device_tc.sh ktimes`` writes one CSV per scheme and
-length; ``--summarize DIR [DIR ...]`` turns them into a table and JSON (one directory per
-code version, the first one's fp16 as the baseline).
+user's run gets). Several contexts and schemes run in one process, in order, with
+``--order FILE`` recording which calls were which. ``bash benchmarks/device_tc.sh
+ktimes`` writes ``kt.csv`` and ``kt_order.json`` that way; ``--summarize DIR [DIR ...]``
+turns them into a table and JSON (one directory per code version, the first one's fp16 as
+the baseline).
 """
 
 import argparse
@@ -39,17 +41,22 @@ def call_times(path):
 
 def summarize(dirs, out=None):
     """Median GPU time per call (the first call, which compiles, left out) per scheme and
-    length, for each directory of ``kt_<scheme>_<tokens>.csv``; ratios to the first
+    length, for each directory of ``kt.csv`` and ``kt_order.json``; ratios to the first
     directory's fp16."""
     table = {}
     for d in dirs:
-        for f in sorted(Path(d).glob("kt_*_*.csv")):
-            _, scheme, tokens = f.stem.split("_")
-            calls = call_times(f)
-            if len(calls) < 2:
-                raise ValueError(f"{f}: {len(calls)} attention calls, need at least 2")
+        calls = call_times(Path(d) / "kt.csv")
+        order = json.loads((Path(d) / "kt_order.json").read_text())
+        if len(calls) != sum(n for _, _, n in order):
+            raise ValueError(f"{d}: {len(calls)} attention calls, the order lists "
+                             f"{sum(n for _, _, n in order)}")  # fmt: skip
+        start = 0
+        for scheme, tokens, n in order:
+            group, start = calls[start:start + n], start + n
+            if n < 2:
+                raise ValueError(f"{d}: {scheme} at {tokens}: {n} calls, need at least 2")
             table.setdefault(int(tokens), {})[f"{Path(d).name}/{scheme}"] = {
-                "us": statistics.median(calls[1:]), "calls_us": calls}
+                "us": statistics.median(group[1:]), "calls_us": group}
     for tokens, row in sorted(table.items()):
         fp16 = row.get(f"{Path(dirs[0]).name}/fp16", {}).get("us")
         cells = []
@@ -62,33 +69,45 @@ def summarize(dirs, out=None):
     return table
 
 
+def run(scheme, context, calls):
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
+    if scheme == "fp16":
+        k, v = (mx.random.normal((1, 8, context, 128)).astype(mx.bfloat16) for _ in "kv")
+        for _ in range(calls):
+            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5))
+        return
+    cache = TurboQuantKVCache(scheme)
+    for start in range(0, context, 8192):  # in chunks: bounded temporary memory
+        n = min(8192, context - start)
+        k = mx.random.normal((1, 8, n, 128)).astype(mx.bfloat16)
+        cache.update_and_fetch(k, k)
+        mx.eval(cache.keys, cache.values)
+    for _ in range(calls):
+        mx.eval(turboquant_sdpa(q, cache, 128**-0.5))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--context", type=int, default=131072)
-    p.add_argument("--scheme", default="turbo4")
+    p.add_argument("--context", type=int, nargs="+", default=[131072])
+    p.add_argument("--scheme", nargs="+", default=["turbo4"])
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--order", help="write [[scheme, context, calls], ...] here (JSON)")
     p.add_argument("--summarize", nargs="+", metavar="DIR",
-                   help="print (and with --json write) the table of ktimes CSVs")
+                   help="print (and with --json write) the table of ktimes runs")
     p.add_argument("--json", help="with --summarize: write the table here")
     args = p.parse_args()
     if args.summarize:
         summarize(args.summarize, args.json)
         return
     mlx_lm_turboquant.activate()
-    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
-    if args.scheme == "fp16":
-        k, v = (mx.random.normal((1, 8, args.context, 128)).astype(mx.bfloat16) for _ in "kv")
-        for _ in range(args.calls):
-            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5))
-        return
-    cache = TurboQuantKVCache(args.scheme)
-    for start in range(0, args.context, 8192):  # in chunks: bounded temporary memory
-        n = min(8192, args.context - start)
-        k = mx.random.normal((1, 8, n, 128)).astype(mx.bfloat16)
-        cache.update_and_fetch(k, k)
-        mx.eval(cache.keys, cache.values)
-    for _ in range(args.calls):
-        mx.eval(turboquant_sdpa(q, cache, 128**-0.5))
+    order = []
+    for context in args.context:
+        for scheme in args.scheme:
+            run(scheme, context, args.calls)
+            order.append([scheme, context, args.calls])
+            mx.clear_cache()
+    if args.order:
+        Path(args.order).write_text(json.dumps(order))
 
 
 if __name__ == "__main__":

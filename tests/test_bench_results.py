@@ -79,30 +79,35 @@ def test_attention_call_times_pair_cudnn_with_its_reduction(tmp_path):
     def row(i, name, unit, value):
         return f'"{i}","{name}","gpu__time_duration.sum","{unit}","{value}"'
 
-    fp16 = tmp_path / "this" / "kt_fp16_4096.csv"
-    turbo = tmp_path / "this" / "kt_turbo4_4096.csv"
-    fp16.parent.mkdir()
-    fp16.write_text("\n".join([
-        "==PROF== Connected to process", header,
+    fp16 = tmp_path / "fp16.csv"
+    turbo = tmp_path / "turbo4.csv"
+    fp16_rows = [
         row(0, "void mlx::core::cu::rbitsc(const unsigned int*)", "ns", "7,000"),
         row(1, "cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "ns", "90,000"),
         row(2, "void cudnn::lean_reduction_kernel<0, 0, 0>(void*)", "ns", "5,000"),
         row(3, "cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "us", "50"),
         row(4, "void cudnn::lean_reduction_kernel<0, 0, 0>(void*)", "us", "4"),
         row(5, "cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "us", "52"),
-        row(6, "void cudnn::lean_reduction_kernel<0, 0, 0>(void*)", "us", "4")]))  # fmt: skip
-    turbo.write_text("\n".join([
-        header, row(0, "custom_kernel_turboquant_encode_128_4", "us", "9"),
-        row(1, "custom_kernel_turboquant_attention_tc_128_4", "us", "80"),
-        row(2, "custom_kernel_turboquant_attention_tc_128_4", "us", "27"),
-        row(3, "custom_kernel_turboquant_attention_tc_128_4", "us", "28")]))  # fmt: skip
+        row(6, "void cudnn::lean_reduction_kernel<0, 0, 0>(void*)", "us", "4")]  # fmt: skip
+    turbo_rows = [
+        row(7, "custom_kernel_turboquant_encode_128_4", "us", "9"),
+        row(8, "custom_kernel_turboquant_attention_tc_128_4", "us", "80"),
+        row(9, "custom_kernel_turboquant_attention_tc_128_4", "us", "27"),
+        row(10, "custom_kernel_turboquant_attention_tc_128_4", "us", "28")]  # fmt: skip
+    fp16.write_text("\n".join(["==PROF== Connected to process", header] + fp16_rows))
+    turbo.write_text("\n".join([header] + turbo_rows))
     assert prof.call_times(fp16) == [95.0, 54.0, 56.0]
     assert prof.call_times(turbo) == [80.0, 27.0, 28.0]
-    table = prof.summarize([tmp_path / "this"], tmp_path / "kt.json")
+    # one profiler run, both schemes in order
+    run = tmp_path / "this"
+    run.mkdir()
+    (run / "kt.csv").write_text("\n".join([header] + fp16_rows + turbo_rows))
+    (run / "kt_order.json").write_text(json.dumps([["fp16", 4096, 3], ["turbo4", 4096, 3]]))
+    table = prof.summarize([run], tmp_path / "kt.json")
     # the first (compiling) call is left out of the median
     assert table[4096]["this/fp16"]["us"] == 55.0
     assert table[4096]["this/turbo4"]["us"] == 27.5
     assert json.loads((tmp_path / "kt.json").read_text())["4096"]["this/turbo4"]["us"] == 27.5
-    turbo.write_text(header + "\n" + row(1, "custom_kernel_turboquant_attention_tc", "us", "8"))
-    with pytest.raises(ValueError, match="1 attention calls"):
-        prof.summarize([tmp_path / "this"])
+    (run / "kt_order.json").write_text(json.dumps([["fp16", 4096, 3], ["turbo4", 4096, 4]]))
+    with pytest.raises(ValueError, match="6 attention calls, the order lists 7"):
+        prof.summarize([run])

@@ -316,6 +316,26 @@ def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, 
 
 
 @needs_gxx
+def test_tensor_core_kernel_only_takes_sylvester_rotations(monkeypatch):
+    """It rotates from the signs alone: a codec with any other rotation gets the portable
+    kernel."""
+    import kernel_emulator as emu
+
+    cache, _, _ = _cache("turbo4", 128, dtype=mx.bfloat16)
+    kc, vc = cache.key_codec, cache.value_codec
+
+    def op():
+        return launch._plan(emu.kernel, emu.SHARED_BYTES, kc, vc, cache.keys.dtype, 4, 1, 128,
+                            True, True)[0]  # fmt: skip
+
+    assert op() == "attention_tc"
+    for rotation in (vc.rotation, kc.rotation):
+        monkeypatch.setattr(rotation, "sylvester", False)
+        assert op() == "attention"
+        monkeypatch.undo()
+
+
+@needs_gxx
 def test_emulated_tensor_core_merge_over_many_spans(monkeypatch):
     """The tensor-core kernel's fused merge: more spans than a warp has lanes, blocks
     finishing in either order (the emulator runs odd KV heads' blocks last to first), a

@@ -28,6 +28,20 @@ def test_hadamard_where_mlx_supports_it():
     assert Rotation(72, 0).kind == "haar"
 
 
+@pytest.mark.parametrize("dim, sylvester", [(64, True), (128, True), (96, False), (72, False)])
+def test_sylvester_rotations_are_signs_times_a_walsh_hadamard_matrix(dim, sylvester):
+    # What the tensor-core kernel relies on: matrix = diag(signs) @ H / sqrt(dim), with H
+    # built here from its definition, never from mlx.
+    r = Rotation(dim, 3)
+    assert r.sylvester == sylvester
+    if not sylvester:
+        return
+    i = np.arange(dim)
+    h = np.array([[(-1.0) ** bin(a & b).count("1") for b in i] for a in i])
+    expected = np.array(r.signs)[:, None] * h / np.sqrt(dim)
+    np.testing.assert_allclose(np.array(r.matrix), expected, atol=1e-6)
+
+
 def test_seeds_give_different_rotations_and_are_reproducible():
     a, b, c = Rotation(128, 1), Rotation(128, 2), Rotation(128, 1)
     assert not np.allclose(np.array(a.matrix), np.array(b.matrix))

@@ -42,7 +42,9 @@ class Rotation:
 
     ``forward(x)`` is ``x @ matrix`` and ``inverse(y)`` is ``y @ matrix.T``.
     Signs / the Haar matrix come from numpy's PCG64 seeded with ``seed``, so the
-    rotation is the same on every platform and backend.
+    rotation is the same on every platform and backend. Where ``sylvester`` is true the
+    matrix is ``diag(signs) @ H / sqrt(dim)`` with ``H[i, j] = (-1)^popcount(i & j)``, so a
+    kernel can apply it as a fast Walsh-Hadamard transform from the ``signs`` alone.
     """
 
     def __init__(self, dim: int, seed: int):
@@ -55,11 +57,15 @@ class Rotation:
         if hadamard is not None:
             self.kind = "hadamard"
             signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=dim)
-            self._signs = mx.array(signs)
+            self._signs = self.signs = mx.array(signs)
             matrix = signs[:, None] * hadamard
             self._symmetric = bool(np.allclose(hadamard, hadamard.T))
+            i = np.arange(dim)
+            popcount = np.vectorize(lambda v: bin(v).count("1"))(i[:, None] & i[None, :])
+            self.sylvester = bool(np.array_equal(np.sign(hadamard), (-1.0) ** popcount))
         else:
             self.kind = "haar"
+            self.signs, self.sylvester = None, False
             g = rng.standard_normal((dim, dim))
             q, r = np.linalg.qr(g)
             # Sign fix makes Q Haar-distributed rather than biased by QR's convention.

@@ -14,6 +14,7 @@ NAME = "cuda"
 HEADER = r"""
 #define TQ_SHARED __shared__
 #define TQ_SHARED_PTR(T) T*
+#define TQ_ALIGN16 __align__(16)
 #define TQ_BARRIER() __syncthreads()
 #define TQ_UNROLL _Pragma("unroll")
 #define TQ_UNROLL8 _Pragma("unroll 8")
@@ -87,6 +88,10 @@ __device__ __forceinline__ void tq_atomic_reset(const uint32_t* c) {
   atomicExch(const_cast<uint32_t*>(c), 0u);
 }
 __device__ __forceinline__ float tq_load_cg(const float* p) { return __ldcg(p); }
+// v into the four words at p (16-byte aligned), one 128-bit store.
+__device__ __forceinline__ void tq_fill4(uint32_t* p, uint32_t v) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(v, v, v, v);
+}
 // d += A B for one warp: A 16x16 fp16 (row major, 4 registers), B 16x8 fp16 (2 registers),
 // d 16x8 fp32 (4 registers), in the fragment layout of the PTX ISA for m16n8k16.
 __device__ __forceinline__ void tq_mma_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2,

@@ -177,7 +177,8 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
     same = bool(same_table) and key_bits == value_bits
     plan = TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
                           D * key_bits // 32, D * value_bits // 32, same, packed)  # fmt: skip
-    return plan if 4 * (plan.table_words + D * R) <= shared_bytes else None
+    # Shared memory: the table space, the query (q_sh) and its rows' maxima (qmax_sh).
+    return plan if 4 * (plan.table_words + D * R + R) <= shared_bytes else None
 
 
 def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None,
@@ -316,10 +317,10 @@ class _Launch(NamedTuple):
     graph: Callable
     tile: int
     n_blocks: int  # batch x KV heads
-    rot: mx.array
+    rot: mx.array  # the key rotation's matrix (the tensor-core kernel: its signs)
     kcent: mx.array
     vcent: mx.array
-    rot_t: mx.array
+    rot_t: mx.array  # the value rotation's matrix_t (the tensor-core kernel: its signs)
     float_keys: bool
     outside_query: bool  # the query is too large for shared memory: scaled (and rotated) here
     key_codec: object
@@ -330,7 +331,10 @@ def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, 
           packed):  # fmt: skip
     """(op, plan): the tensor-core kernel where it applies and the backend has it, else the
     portable one; (None, None) where neither covers the shapes."""
-    if tensor_cores and key_codec is not None and kernel("attention_tc") is not None:
+    # The tensor-core kernel rotates by Walsh-Hadamard transforms from the rotations' signs.
+    sylvester = key_codec is not None and key_codec.rotation.sylvester
+    if tensor_cores and sylvester and value_codec.rotation.sylvester \
+            and kernel("attention_tc") is not None:  # fmt: skip
         same = key_codec.codebook is value_codec.codebook
         plan = tensor_core_plan(D, n_rep, L, key_codec.bits, value_codec.bits, same,
                                 shared_bytes, packed)  # fmt: skip
@@ -365,9 +369,11 @@ def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads,
         rot = kcent = _dummy()
     else:
         rot, kcent = key_codec.rotation.matrix, key_codec.centroids
-    return _Launch(graph, plan.TILE, BH, rot, kcent, value_codec.centroids,
-                   value_codec.rotation.matrix_t, key_codec is None, not plan.Q_SH, key_codec,
-                   plan.max_splits)  # fmt: skip
+    rot_t = value_codec.rotation.matrix_t
+    if op == "attention_tc":  # its rotations are transforms: the signs are all it reads
+        rot, rot_t = key_codec.rotation.signs, value_codec.rotation.signs
+    return _Launch(graph, plan.TILE, BH, rot, kcent, value_codec.centroids, rot_t,
+                   key_codec is None, not plan.Q_SH, key_codec, plan.max_splits)  # fmt: skip
 
 
 def decode_attention(

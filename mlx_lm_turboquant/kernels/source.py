@@ -14,8 +14,8 @@ which makes each group of 32 coordinates start on a word boundary.
 """
 
 # Inside a block that has the query's shared array q_sh [D][R]: load the query (scaled when
-# PREP_Q), then rotate it in place into the keys' basis (PREP_Q with code keys). Shared by
-# both attention kernels.
+# PREP_Q), then rotate it in place into the keys' basis by the dense matrix rot (ROTATE_Q).
+# Shared by both attention kernels; the includer defines PREP_Q and ROTATE_Q.
 _PREPARE_QUERY = r"""
     // q is [B * H_kv, R, D]: raw queries (PREP_Q) or already scaled and rotated float32.
     const float scale = PREP_Q ? tq_as_float(SCALE_BITS) : 1.0f;
@@ -23,7 +23,7 @@ _PREPARE_QUERY = r"""
       const int r = i / D;
       q_sh[(i - r * D) * R + r] = static_cast<float>(q[(int64_t)bh * R * D + i]) * scale;
     }
-    if (PREP_Q && KBITS < 16) {
+    if (ROTATE_Q) {
       // Rotate in place: one rotation column per thread, all rows at once, so each matrix
       // element is loaded once per block and the loads are independent (no latency chain).
       constexpr int EPT = (D + NT - 1) / NT;
@@ -95,6 +95,30 @@ def _value_word(tok, i):
             f": values[({tok}) * WV + {i}])")  # fmt: skip
 
 
+# One warp's fast Walsh-Hadamard transform of a row of D coordinates, lane holding
+# coordinates lane + 32 k in v[k] (k < EPL = D / 32): v <- v H with H[i][j] =
+# (-1)^popcount(i & j). Distances below 32 pair lanes (shuffles), the others pair a lane's
+# own registers; no barrier, no shared memory.
+_WARP_WALSH_HADAMARD = r"""
+      TQ_UNROLL for (int h = 1; h < 32; h <<= 1) {
+        const bool upper = (lane & h) != 0;
+        TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+          const float o = tq_shfl_xor(v[k], h);
+          v[k] = upper ? o - v[k] : v[k] + o;
+        }
+      }
+      TQ_UNROLL for (int h = 1; h < EPL; h <<= 1) {
+        TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+          if ((k & h) == 0) {
+            const float a = v[k], b = v[k + h];
+            v[k] = a + b;
+            v[k + h] = a - b;
+          }
+        }
+      }
+"""
+
+
 # Decode attention, pass 1 (flash-decoding). One block per (batch * KV head, token span):
 # the R = n_rep * L query rows of that KV head share each read of its packed keys and
 # values (GQA). Tiles of TILE tokens are staged in shared memory with coalesced loads;
@@ -147,7 +171,8 @@ ATTENTION = r"""
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
 """ + _BLOCK_SPAN + r"""
-  if (Q_SH) {""" + _PREPARE_QUERY + r"""  }
+  if (Q_SH) {
+    constexpr bool ROTATE_Q = PREP_Q && KBITS < 16;""" + _PREPARE_QUERY + r"""  }
   for (int i = tq_tid; i < NKC * KREP; i += NT) {
     kc_sh[i] = kcent[i / KREP];
   }
@@ -408,6 +433,10 @@ ATTENTION = r"""
 #   once per lane (entry e of lane l at e * 32 + l: no bank conflicts); keys look up the
 #   two adjacent codes of one token, values the same dimension of two tokens. Keys and
 #   values share one table when they have the same codebook (SAME_TABLE).
+# * Rotations: both codecs' rotations are randomized Sylvester Hadamards (D is a power of
+#   two), so rot and rot_t are their sign vectors [D] and the block rotates by fast
+#   Walsh-Hadamard transforms, a warp per row (reading a dense [D, D] matrix per block
+#   cost ~3 us at the start and ~2 us in the merge's tail on the H100).
 # Templates: D (64 or 128), R (<= 8 rows), L, NREP, KBITS / VBITS (2..4), WK / WV, SAME_TABLE,
 # SCALE_BITS, QT (the query's and the output's dtype), MASK_MODE, MB, MH, ML, NT (128),
 # HAS_SINKS.
@@ -426,8 +455,9 @@ ATTENTION_TC = r"""
   constexpr int BIG = (KTAB + VTAB) * 32 > MERGE ? (KTAB + VTAB) * 32 : MERGE;
   constexpr float NEG = -1e30f;
 
-  TQ_SHARED uint32_t big_sh[BIG];  // pair tables; the warps' results at the end
-  TQ_SHARED float q_sh[D * R];     // [D][R]
+  TQ_SHARED TQ_ALIGN16 uint32_t big_sh[BIG];  // pair tables; the warps' results at the end
+  TQ_SHARED float q_sh[D * R];                // [D][R]
+  TQ_SHARED float qmax_sh[R];                 // max |q| of each row
   TQ_SHARED_PTR(uint32_t) ktab = big_sh;
   TQ_SHARED_PTR(uint32_t) vtab = big_sh + (SAME_TABLE ? 0 : KTAB * 32);
 
@@ -436,67 +466,9 @@ ATTENTION_TC = r"""
   const int g = lane >> 2;
   const int c = lane & 3;
 """ + _BLOCK_SPAN + r"""
-  // The query, scaled and rotated into the keys' basis.
-  {
-    constexpr bool PREP_Q = true;""" + _PREPARE_QUERY + r"""  }
-  for (int i = tq_tid; i < KTAB * 32; i += NT) {
-    const int e = i >> 5;
-    ktab[i] = tq_pack_half2(kcent[e & ((1 << KBITS) - 1)], kcent[e >> KBITS]);
-  }
-  for (int i = tq_tid; i < VTAB * 32; i += NT) {
-    const int e = i >> 5;
-    vtab[i] = tq_pack_half2(vcent[e & ((1 << VBITS) - 1)], vcent[e >> VBITS]);
-  }
-  TQ_BARRIER();
-
-  // A fragments of the query: rows g and g + 8 (always padding: R <= 8) of each k-chunk.
-  // Row g goes in as q / max|q| (fp16 cannot hold every query); scores get max|q| back.
-  float q_max = 0.0f;
-  if (g < R) {
-    for (int d = c; d < D; d += 4) {
-      q_max = tq_max(q_max, q_sh[d * R + g] < 0.0f ? -q_sh[d * R + g] : q_sh[d * R + g]);
-    }
-  }
-  q_max = tq_max(q_max, tq_shfl_xor(q_max, 1));
-  q_max = tq_max(q_max, tq_shfl_xor(q_max, 2));
-  const float q_inv = q_max > 0.0f ? 1.0f / q_max : 0.0f;
-  uint32_t qa[KC][2];
-  TQ_UNROLL for (int kk = 0; kk < KC; ++kk) {
-    TQ_UNROLL for (int h = 0; h < 2; ++h) {
-      const int d = c * (D / 4) + 2 * (2 * kk + h);  // first dimension of the code pair
-      qa[kk][h] = g < R ? tq_pack_half2(q_sh[d * R + g] * q_inv, q_sh[(d + 1) * R + g] * q_inv)
-                        : 0u;
-    }
-  }
-
-  float acc[KC][4];
-  TQ_UNROLL for (int i = 0; i < KC; ++i) {
-    TQ_UNROLL for (int j = 0; j < 4; ++j) {
-      acc[i][j] = 0.0f;
-    }
-  }
-  float m_run = -TQ_INF;  // row g, replicated over the 4 lanes of the group
-  float l_run = 0.0f;     // this lane's share of row g's sum
-
-  // 2- and 4-bit codes never straddle words: a pair index is then a whole field of a word
-  // (a byte for 4-bit codes), one extract where the general path shifts, masks and joins.
-  constexpr bool KFIELDS = KBITS == 2 || KBITS == 4;
-  constexpr bool VFIELDS = VBITS == 2 || VBITS == 4;
-  // Shared address of this lane's copy of entry 0; entry e is 128 * e bytes further.
-  const tq_saddr_t ktab_lane = tq_shared_addr(ktab + lane);
-  const tq_saddr_t vtab_lane = tq_shared_addr(vtab + lane);
-  auto field = [&](uint32_t w, int pos, int width) -> uint32_t {
-    return width == 8 ? tq_byte(w, pos >> 3) : (w >> pos) & ((1u << width) - 1);
-  };
+  // This thread's first code word of a key / value and the bit offset in it.
   const int kw0 = (c * KSPAN) >> 5, ksh = (c * KSPAN) & 31;
   const int vw0 = (g * VSPAN) >> 5, vsh = (g * VSPAN) & 31;
-  const int r_mask = g < R ? g : 0;  // a valid row for mask reads of padding rows
-  const int mb = MB ? b : 0;
-  const int mh = MH ? kvh * NREP + r_mask / L : 0;
-  const int ml = ML ? r_mask % L : 0;
-  const int mh_n = MH ? n_kv_heads * NREP : 1;
-  const int ml_n = ML ? L : 1;
-
   // Codes of one step: keys of tokens t0 + g and t0 + 8 + g; values and norms of tokens
   // t0 + {2c, 2c + 1, 2c + 8, 2c + 9}. The next step's are loaded before this one is
   // computed, so their memory latency overlaps the arithmetic.
@@ -529,7 +501,84 @@ ATTENTION_TC = r"""
       }
     }
   };
-  load(t_begin + 16 * warp, kw, vw, kn, vn);
+  load(t_begin + 16 * warp, kw, vw, kn, vn);  // first: in flight while the block sets up
+
+  // The query, scaled and rotated into the keys' basis: rot holds the key rotation's signs
+  // s, and the rotation is q -> (q * s) H / sqrt(D) (a Sylvester Hadamard, see codec
+  // rotation.py): a transform in registers instead of a matrix read per block.
+  constexpr int EPL = D / 32;  // coordinates per lane of a row held by one warp
+  {
+    constexpr bool PREP_Q = true;
+    constexpr bool ROTATE_Q = false;""" + _PREPARE_QUERY + r"""
+    TQ_BARRIER();
+    const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
+    for (int r = warp; r < R; r += NWARPS) {  // a warp per row
+      float v[EPL];
+      TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+        const int d = lane + 32 * k;
+        v[k] = q_sh[d * R + r] * (rot[d] * inv_sqrt_d);
+      }""" + _WARP_WALSH_HADAMARD + r"""
+      float m = 0.0f;
+      TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+        q_sh[(lane + 32 * k) * R + r] = v[k];
+        m = tq_max(m, v[k] < 0.0f ? -v[k] : v[k]);
+      }
+      m = tq_warp_max(m);
+      if (lane == 0) {
+        qmax_sh[r] = m;
+      }
+    }
+  }
+  // The tables, four copies of an entry per store.
+  for (int i = tq_tid; i < KTAB * 8; i += NT) {
+    const int e = i >> 3;
+    tq_fill4(ktab + 4 * i, tq_pack_half2(kcent[e & ((1 << KBITS) - 1)], kcent[e >> KBITS]));
+  }
+  for (int i = tq_tid; i < VTAB * 8; i += NT) {
+    const int e = i >> 3;
+    tq_fill4(vtab + 4 * i, tq_pack_half2(vcent[e & ((1 << VBITS) - 1)], vcent[e >> VBITS]));
+  }
+  TQ_BARRIER();
+
+  // A fragments of the query: rows g and g + 8 (always padding: R <= 8) of each k-chunk.
+  // Row g goes in as q / max|q| (fp16 cannot hold every query); scores get max|q| back.
+  const float q_max = g < R ? qmax_sh[g] : 0.0f;
+  const float q_inv = q_max > 0.0f ? 1.0f / q_max : 0.0f;
+  uint32_t qa[KC][2];
+  TQ_UNROLL for (int kk = 0; kk < KC; ++kk) {
+    TQ_UNROLL for (int h = 0; h < 2; ++h) {
+      const int d = c * (D / 4) + 2 * (2 * kk + h);  // first dimension of the code pair
+      qa[kk][h] = g < R ? tq_pack_half2(q_sh[d * R + g] * q_inv, q_sh[(d + 1) * R + g] * q_inv)
+                        : 0u;
+    }
+  }
+
+  float acc[KC][4];
+  TQ_UNROLL for (int i = 0; i < KC; ++i) {
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
+      acc[i][j] = 0.0f;
+    }
+  }
+  float m_run = -TQ_INF;  // row g, replicated over the 4 lanes of the group
+  float l_run = 0.0f;     // this lane's share of row g's sum
+
+  // 2- and 4-bit codes never straddle words: a pair index is then a whole field of a word
+  // (a byte for 4-bit codes), one extract where the general path shifts, masks and joins.
+  constexpr bool KFIELDS = KBITS == 2 || KBITS == 4;
+  constexpr bool VFIELDS = VBITS == 2 || VBITS == 4;
+  // Shared address of this lane's copy of entry 0; entry e is 128 * e bytes further.
+  const tq_saddr_t ktab_lane = tq_shared_addr(ktab + lane);
+  const tq_saddr_t vtab_lane = tq_shared_addr(vtab + lane);
+  auto field = [&](uint32_t w, int pos, int width) -> uint32_t {
+    return width == 8 ? tq_byte(w, pos >> 3) : (w >> pos) & ((1u << width) - 1);
+  };
+  const int r_mask = g < R ? g : 0;  // a valid row for mask reads of padding rows
+  const int mb = MB ? b : 0;
+  const int mh = MH ? kvh * NREP + r_mask / L : 0;
+  const int ml = ML ? r_mask % L : 0;
+  const int mh_n = MH ? n_kv_heads * NREP : 1;
+  const int ml_n = ML ? L : 1;
+
 
   for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARPS) {
     load(t0 + 16 * NWARPS, kw_n, vw_n, kn_n, vn_n);  // guarded: zeros past the span
@@ -778,20 +827,17 @@ ATTENTION_TC = r"""
       }
     }
   }
+  // Back from the values' basis: y -> (y H / sqrt(D)) * s with rot_t the value signs s.
   TQ_BARRIER();
-  for (int d = tq_tid; d < D; d += NT) {  // each element of rot_t read once for all rows
-    float y[R];
-    TQ_UNROLL for (int r = 0; r < R; ++r) {
-      y[r] = 0.0f;
-    }
-    TQ_UNROLL32 for (int j = 0; j < D; ++j) {
-      const float rt = rot_t[j * D + d];
-      TQ_UNROLL for (int r = 0; r < R; ++r) {
-        y[r] += y_sh[r * D + j] * rt;
-      }
-    }
-    TQ_UNROLL for (int r = 0; r < R; ++r) {
-      out[((int64_t)bh * R + r) * D + d] = static_cast<QT>(y[r]);
+  const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
+  for (int r = warp; r < R; r += NWARPS) {  // a warp per row
+    float v[EPL];
+    TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+      v[k] = y_sh[r * D + lane + 32 * k];
+    }""" + _WARP_WALSH_HADAMARD + r"""
+    TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+      const int d = lane + 32 * k;
+      out[((int64_t)bh * R + r) * D + d] = static_cast<QT>(v[k] * (rot_t[d] * inv_sqrt_d));
     }
   }
 """

@@ -61,6 +61,7 @@ static float tq_emu_lanes[1024];
 
 #define TQ_SHARED static
 #define TQ_SHARED_PTR(T) T*
+#define TQ_ALIGN16 __attribute__((aligned(16)))
 #define TQ_BARRIER() tq_emu_block_barrier->arrive_and_wait()
 #define TQ_UNROLL
 #define TQ_UNROLL8
@@ -136,6 +137,7 @@ inline void tq_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline uint32_t tq_atomic_inc(const uint32_t* c) { return (*const_cast<uint32_t*>(c))++; }
 inline void tq_atomic_reset(const uint32_t* c) { *const_cast<uint32_t*>(c) = 0u; }
 inline float tq_load_cg(const float* p) { return *p; }
+inline void tq_fill4(uint32_t* p, uint32_t v) { p[0] = p[1] = p[2] = p[3] = v; }
 
 // mma.sync m16n8k16 (fp16 x fp16 + fp32) with the PTX ISA's fragment layout: lane =
 // 4 * group + t; A rows group / group + 8, columns 2t + {0, 1} (+ 8); B columns (n) group,
