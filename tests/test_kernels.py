@@ -316,6 +316,24 @@ def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, 
 
 
 @needs_gxx
+def test_emulated_tensor_core_rows_of_very_different_size(monkeypatch):
+    """Each row enters the tensor cores as q / max|q| of that row (fp16 holds no more): rows
+    a million apart in size stay finite and match the pure-MLX twin."""
+    import kernel_emulator as emu
+
+    n_kv, n_rep, D = 2, 4, 64
+    cache, keys, values = _cache("turbo4", D, n_kv, seed=5, dtype=mx.float32)
+    q = mx.random.normal((1, n_kv * n_rep, 1, D))
+    q = q * mx.array([1e-3, 1.0, 30.0, 1e3] * n_kv)[None, :, None, None]
+    fused = launch.decode_attention(emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
+                                    tensor_cores=True)  # fmt: skip
+    twin = reference_sdpa(q, cache, D**-0.5)
+    _, _, exact = _mask_sinks_exact(q, keys, values, None, False)
+    assert not mx.isnan(fused).any()
+    assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6
+
+
+@needs_gxx
 def test_tensor_core_kernel_only_takes_sylvester_rotations(monkeypatch):
     """It rotates from the signs alone: a codec with any other rotation gets the portable
     kernel."""

@@ -57,7 +57,7 @@ class Rotation:
         if hadamard is not None:
             self.kind = "hadamard"
             signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=dim)
-            self._signs = self.signs = mx.array(signs)
+            self.signs = mx.array(signs)
             matrix = signs[:, None] * hadamard
             self._symmetric = bool(np.allclose(hadamard, hadamard.T))
             i = np.arange(dim)
@@ -76,13 +76,13 @@ class Rotation:
     def forward(self, x: mx.array) -> mx.array:
         """Rotate ``x`` of shape ``[..., dim]`` (any float dtype)."""
         if self.kind == "hadamard":
-            return mx.hadamard_transform(x * self._signs.astype(x.dtype), scale=self.dim**-0.5)
+            return mx.hadamard_transform(x * self.signs.astype(x.dtype), scale=self.dim**-0.5)
         return x @ self.matrix.astype(x.dtype)
 
     def inverse(self, y: mx.array) -> mx.array:
         """Undo ``forward`` for ``y`` of shape ``[..., dim]``."""
         if self.kind == "hadamard" and self._symmetric:
-            return mx.hadamard_transform(y, scale=self.dim**-0.5) * self._signs.astype(y.dtype)
+            return mx.hadamard_transform(y, scale=self.dim**-0.5) * self.signs.astype(y.dtype)
         return y @ self.matrix_t.astype(y.dtype)
 
 

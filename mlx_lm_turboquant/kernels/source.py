@@ -507,11 +507,11 @@ ATTENTION_TC = r"""
   // s, and the rotation is q -> (q * s) H / sqrt(D) (a Sylvester Hadamard, see codec
   // rotation.py): a transform in registers instead of a matrix read per block.
   constexpr int EPL = D / 32;  // coordinates per lane of a row held by one warp
+  const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
   {
     constexpr bool PREP_Q = true;
     constexpr bool ROTATE_Q = false;""" + _PREPARE_QUERY + r"""
     TQ_BARRIER();
-    const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
     for (int r = warp; r < R; r += NWARPS) {  // a warp per row
       float v[EPL];
       TQ_UNROLL for (int k = 0; k < EPL; ++k) {
@@ -829,7 +829,6 @@ ATTENTION_TC = r"""
   }
   // Back from the values' basis: y -> (y H / sqrt(D)) * s with rot_t the value signs s.
   TQ_BARRIER();
-  const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
   for (int r = warp; r < R; r += NWARPS) {  // a warp per row
     float v[EPL];
     TQ_UNROLL for (int k = 0; k < EPL; ++k) {
