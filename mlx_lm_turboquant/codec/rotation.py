@@ -26,15 +26,32 @@ def hadamard_supported(dim: int) -> bool:
     return False
 
 
+@lru_cache(maxsize=None)  # per size: every layer's keys and values share it
 def _hadamard_matrix(dim: int):
-    """The orthonormal matrix that ``mx.hadamard_transform`` applies, or None where
-    mlx has no transform of this size."""
+    """The orthonormal matrix that ``mx.hadamard_transform`` applies (read-only), or None
+    where mlx has no transform of this size."""
     if not hadamard_supported(dim):
         return None
     m = np.array(mx.hadamard_transform(mx.eye(dim), scale=dim**-0.5), dtype=np.float64)
     if not np.allclose(m @ m.T, np.eye(dim), atol=1e-4):
         return None
-    return m.astype(np.float32)
+    m = m.astype(np.float32)
+    m.setflags(write=False)
+    return m
+
+
+@lru_cache(maxsize=None)
+def _is_sylvester(dim: int) -> bool:
+    """Whether mlx's Hadamard matrix of this size has the signs (-1)^popcount(i & j)."""
+    hadamard = _hadamard_matrix(dim)
+    if hadamard is None:
+        return False
+    i = np.arange(dim)
+    bits, parity = i[:, None] & i[None, :], np.zeros((dim, dim), np.int64)
+    while bits.any():
+        parity ^= bits & 1
+        bits >>= 1
+    return bool(np.array_equal(np.sign(hadamard), 1.0 - 2.0 * parity))
 
 
 class Rotation:
@@ -60,9 +77,7 @@ class Rotation:
             self.signs = mx.array(signs)
             matrix = signs[:, None] * hadamard
             self._symmetric = bool(np.allclose(hadamard, hadamard.T))
-            i = np.arange(dim)
-            popcount = np.vectorize(lambda v: bin(v).count("1"))(i[:, None] & i[None, :])
-            self.sylvester = bool(np.array_equal(np.sign(hadamard), (-1.0) ** popcount))
+            self.sylvester = _is_sylvester(dim)
         else:
             self.kind = "haar"
             self.signs, self.sylvester = None, False

@@ -170,10 +170,10 @@ def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=
     return [KernelConfig(
         "attention_tc",
         tuple(plan.template(q_dtype, D**-0.5, mode, *mflags)) + (("HAS_SINKS", sinks),),
-        ((q_dtype, R * D), (mx.float32, D * D), *_token_inputs(plan),
+        ((q_dtype, R * D), (mx.float32, D), *_token_inputs(plan),  # rot, rot_t: signs
          (mx.float32, 1 << key_bits), (mx.float32, 1 << value_bits),
          (mx.float32, 4096 * R if mode == 2 else 1), (mx.int32, 1), (mx.int32, 4),
-         (mx.float32, 32 if sinks else 1), (mx.float32, D * D), (mx.uint32, 8),
+         (mx.float32, 32 if sinks else 1), (mx.float32, D), (mx.uint32, 8),
          (q_dtype, 8 * R * D)),
         (mx.float32, mx.float32, q_dtype),
     )]  # fmt: skip
