@@ -14,7 +14,8 @@ rotation shared by all layers, an fp16 window of the most recent W tokens, per-c
 key scaling (keys times s, queries divided by s: scores unchanged, quantization error
 moved off the channels that matter); and (sets outside ``all``) keys and values centred on
 the prefill's per-channel mean, the first tokens kept in fp16 (attention sinks), one window
-length per layer.
+length per layer, and keys centred on their mean in RoPE's frame (centre "r", the library's
+``c`` schemes: sets ``rope_centre`` and ``rope_centre_long``).
 """
 
 import argparse
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
@@ -34,9 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from mlx_lm_turboquant.cache import layer_seed  # noqa: E402
 from mlx_lm_turboquant.codec import get_codec, packed_words  # noqa: E402
+from mlx_lm_turboquant.codec.centring import key_mean, mean_keys, probe_rope  # noqa: E402
 from mlx_lm_turboquant.eval.kld import step_logprobs as library_step_logprobs  # noqa: E402
 
 BITS = (0, 2, 3, 4, 8)  # 0 = fp16
+TQ_LLAMA_ROPE = probe_rope(nn.RoPE(128, base=10000.0), 128)  # tq-llama-8k's RoPE
 _NAME = re.compile(r"^turbo(\d+)(?:v(\d+))?$")
 
 
@@ -68,7 +72,8 @@ class Config:
     shared_rotation: bool = False
     norm_correction: bool = True
     sink: int = 0  # first tokens kept in fp16 (attention-sink tokens)
-    center: str = ""  # "k", "v" or "kv": subtract the prefill's per-channel mean first
+    center: str = ""  # "k", "v" or "kv": subtract the prefill's per-channel mean first;
+    # "r": keys less their prefill mean taken in RoPE's frame (codec.centring), as `c` schemes
     extra: dict = field(default_factory=dict)
 
     def bytes_ratio(self, tokens, n_kv_heads=2, dim=128):
@@ -105,6 +110,11 @@ class SimCache(KVCache):
         if bits == 0:
             return x
         c = self.codec(x.shape[-1], bits, kind)
+        if kind == 0 and "r" in self.cfg.center:  # what the library's `c` schemes store
+            if "r" not in self.means:
+                self.means["r"] = key_mean(x, TQ_LLAMA_ROPE, self.offset)
+            shift = mean_keys(self.means["r"], TQ_LLAMA_ROPE, self.offset, x.shape[2])
+            return (c.decode(*c.encode(x - shift)) + shift).astype(x.dtype)
         if "kv"[kind] not in self.cfg.center:
             return c.decode(*c.encode(x)).astype(x.dtype)
         if kind not in self.means:
@@ -318,6 +328,27 @@ def configs(sets):
         Config(f"turbo3@all windows {w}{' centered kv' if k else ''}", T3, window=w, center=k)
         for w in ([0, 8, 16, 0, 0, 64], [0, 0, 0, 0, 0, 96], [4, 8, 16, 8, 8, 48])
         for k in ("", "kv")
+    ]
+    # Session 11 (evaluation.md, lever (g)): keys centred in RoPE's frame.
+    t3_last43 = per_layer(T3, _5="turbo4v3")
+    later["rope_centre"] = [
+        Config(f"{name}{f' window {w}' if w else ''}{' rope-centred' if r else ''}", layers,
+               window=w, center=r)
+        for name, layers, w in (("turbo3@all", T3, 0), ("turbo4@all", T4, 0),
+                                ("turbo4, last turbo8v4", default4, 0),
+                                ("turbo3, last turbo4", per_layer(T3, _5="turbo4"), 4),
+                                ("turbo3, last turbo4v3", t3_last43, 8),
+                                ("turbo3, last turbo4v3", t3_last43, 9))
+        for r in ("", "r")
+    ] + [Config(f"{n}@all{' rope-centred' if r else ''}", [n] * N, center=r)
+         for n in ("turbo3v0", "turbo0v3", "turbo2") for r in ("", "r")]
+    later["rope_centre_long"] = [
+        Config(f"{name}{f' window {w}' if w else ''}{' rope-centred' if r else ''}", layers,
+               window=w, center=r)
+        for name, layers, w in (("turbo4, last turbo8v4", default4, 0),
+                                ("turbo3, last turbo4v3", t3_last43, 8),
+                                ("turbo3, last turbo4v3", t3_last43, 16))
+        for r in ("", "r")
     ]
     chosen = []
     for s in sets:

@@ -6,8 +6,9 @@ from typing import Dict, List, Optional
 from mlx_lm.models import cache as mlx_cache
 
 from .cache import TurboQuantKVCache
+from .codec.centring import probe_rope
 from .config import (KVScheme, layer_spec_in_force, parse_layer_plan, parse_scheme,
-                     with_window)  # fmt: skip
+                     with_centring, with_window)  # fmt: skip
 from .rotating_cache import RotatingTurboQuantKVCache
 
 # Chosen from the lever study in docs/evaluation.md: on tq-llama-8k the last attention
@@ -21,13 +22,13 @@ MIN_LAYERS_TO_PROTECT = 4
 
 def boundary_scheme(scheme: KVScheme) -> KVScheme:
     """The last attention layer's format under ``scheme``: 8-bit keys (fp16 keys stay
-    fp16) and values of at least 4 bits."""
+    fp16) and values of at least 4 bits, with the scheme's window and centring."""
     k = 0 if scheme.key_bits == 0 else max(scheme.key_bits, 8)
     v = max(scheme.value_bits, 4)
     if (k, v) == (scheme.key_bits, scheme.value_bits):
         return scheme
     name = f"turbo{k}v{v}" if k != v else f"turbo{k}"
-    boundary = with_window(parse_scheme(name), scheme.window)
+    boundary = with_centring(with_window(parse_scheme(name), scheme.window), scheme.centre_keys)
     return replace(boundary, norm_correction=scheme.norm_correction, seed=scheme.seed)
 
 
@@ -113,11 +114,31 @@ def eligible_layers(cache: list) -> List[int]:
 _COMPRESSIBLE = (mlx_cache.KVCache, mlx_cache.RotatingKVCache)
 
 
-def compressed_twin(c, scheme, layer_index: int):
+def compressed_twin(c, scheme, layer_index: int, rope_frame=None):
     """The TurboQuant cache standing in for mlx-lm's cache ``c`` (one of ``_COMPRESSIBLE``)."""
     if type(c) is mlx_cache.RotatingKVCache:
         return RotatingTurboQuantKVCache(scheme, layer_index, max_size=c.max_size, keep=c.keep)
-    return TurboQuantKVCache(scheme, layer_index=layer_index)
+    return TurboQuantKVCache(scheme, layer_index=layer_index, rope_frame=rope_frame)
+
+
+def layer_rope_frame(model, cache: list, index: int):
+    """``(RopeFrame, None)`` for the RoPE of the layer behind ``cache[index]``, or ``(None,
+    why not)``. The cache must have one entry per ``model.layers`` entry (mlx-lm's layout),
+    and the layer one module attribute named ``rope``."""
+    layers = getattr(model, "layers", None)
+    if layers is None or len(layers) != len(cache):
+        return None, "the cache does not hold one entry per model layer"
+    owners = [m for _, m in layers[index].named_modules() if callable(getattr(m, "rope", None))]
+    if not owners:
+        return None, "the layer has no rope module"
+    rope = owners[0].rope
+    dims = getattr(rope, "dims", getattr(rope, "dim", getattr(owners[0], "head_dim", None)))
+    if not isinstance(dims, int):
+        return None, f"cannot tell how many channels {type(rope).__name__} turns"
+    try:
+        return probe_rope(rope, dims), None
+    except ValueError as e:
+        return None, str(e)
 
 
 @dataclass
@@ -125,7 +146,8 @@ class CachePlan:
     """What :func:`compress_cache` did to one model's cache, for the report.
 
     ``kept`` maps a reason to the cache positions left as the model made them;
-    ``overrides`` maps cache positions to the scheme they got instead of ``scheme``.
+    ``overrides`` maps cache positions to the scheme they got instead of ``scheme``;
+    ``uncentred`` maps a reason to the positions whose keys a ``c`` scheme could not centre.
     """
 
     scheme: KVScheme
@@ -134,6 +156,7 @@ class CachePlan:
     compressed: List[int] = field(default_factory=list)
     kept: Dict[str, List[int]] = field(default_factory=dict)
     overrides: Dict[int, KVScheme] = field(default_factory=dict)
+    uncentred: Dict[str, List[int]] = field(default_factory=dict)
     unsupported: Optional[str] = None
 
 
@@ -162,9 +185,18 @@ def compress_cache(model, cache: list, scheme, layers: Optional[str] = None) -> 
     chosen = parse_layer_plan(spec, len(positions), info.scheme)
     for k, scheme in chosen.items():
         i = positions[k]
-        if scheme.window and type(cache[i]) is mlx_cache.RotatingKVCache:
-            scheme = with_window(scheme, 0)  # a sliding window keeps no separate fp16 window
-        cache[i] = compressed_twin(cache[i], scheme, i)
+        frame = None
+        if type(cache[i]) is mlx_cache.RotatingKVCache:
+            # A sliding window keeps no separate fp16 window, nor positions to centre keys at.
+            if scheme.centre_keys:
+                plan.uncentred.setdefault("sliding-window layer", []).append(i)
+            scheme = with_centring(with_window(scheme, 0), False)
+        elif scheme.centre_keys:
+            frame, why = layer_rope_frame(model, cache, i)
+            if frame is None:
+                plan.uncentred.setdefault(why, []).append(i)
+                scheme = with_centring(scheme, False)
+        cache[i] = compressed_twin(cache[i], scheme, i, frame)
         plan.compressed.append(i)
         if scheme != info.scheme:
             plan.overrides[i] = scheme

@@ -65,12 +65,9 @@ class BatchTurboQuantKVCache(_BaseCache):
         left_padding = [int(p) for p in left_padding]
         if any(p < 0 for p in left_padding):
             raise ValueError(f"left_padding must be non-negative, got {left_padding}")
-        single = TurboQuantKVCache(scheme, layer_index)  # validates scheme and layer_index
-        if single.scheme.window:
-            raise ValueError(
-                f"scheme {single.scheme.name!r} keeps a recent-token window, which batched "
-                "caches do not support yet; use it without batching, or a scheme without w<N>"
-            )
+        scheme = parse_scheme(scheme)
+        check_batchable(scheme)
+        single = TurboQuantKVCache(scheme, layer_index)  # validates layer_index
         self.scheme: KVScheme = single.scheme
         self.layer_index = layer_index
         self.keys = self.key_norms = self.values = self.value_norms = None
@@ -426,6 +423,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         # The single cache checks the scalars and the arrays of one row (offset = _idx).
         single = TurboQuantKVCache.__new__(TurboQuantKVCache)
         single._set_scalars((name, kb, vb, nc, seed, layer, idx, k_dim, v_dim, dtype, variant))
+        check_batchable(single.scheme)
         arrays, channels = list(map(array_or_none, arrays)), list(map(array_or_none, channels))
         if arrays[2] is not None:
             row = [None if a is None else a[:1] for a in arrays]
@@ -462,6 +460,21 @@ class BatchTurboQuantKVCache(_BaseCache):
         obj = cls.__new__(cls)
         obj.state = state
         return obj
+
+
+def check_batchable(scheme: KVScheme):
+    """Batched caches store neither a recent-token window nor centred keys (yet)."""
+    if scheme.window:
+        raise ValueError(
+            f"scheme {scheme.name!r} keeps a recent-token window, which batched "
+            "caches do not support yet; use it without batching, or a scheme without w<N>"
+        )
+    if scheme.centre_keys:
+        raise ValueError(
+            f"scheme {scheme.name!r} centres keys in RoPE's frame, which batched caches "
+            "(rows at different positions) do not support yet; use it without batching, or "
+            "the scheme without c"
+        )
 
 
 def compress_kv_cache(cache: KVCache, scheme, layer_index: int = 0) -> TurboQuantKVCache:

@@ -14,6 +14,7 @@ from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from . import kernels
 from .codec import codec_for
+from .codec.centring import RopeFrame, key_mean, mean_keys
 from .codec.packing import split_rows, token_rows
 from .codec.split import inverse_order, outlier_channels, permute
 from .config import VARIANTS, KVScheme, parse_scheme
@@ -48,6 +49,17 @@ def check_channel_order(name: str, channels: mx.array):
     order = np.sort(np.array(channels), axis=-1)
     if not (order == np.arange(order.shape[-1])).all():
         raise ValueError(f"{name} must hold a permutation of each head's channels")
+
+
+def check_rope_frame(scheme: KVScheme, frame):
+    """A centred scheme needs the layer's :class:`RopeFrame`; other schemes take none."""
+    if scheme.centre_keys and not isinstance(frame, RopeFrame):
+        raise ValueError(
+            f"scheme {scheme.name!r} centres keys in RoPE's frame and needs the layer's "
+            f"rope_frame (codec.centring.probe_rope; make_prompt_cache finds it), got {frame!r}"
+        )
+    if not scheme.centre_keys and frame is not None:
+        raise ValueError(f"scheme {scheme.name!r} does not centre keys; pass no rope_frame")
 
 
 def array_or_none(a):
@@ -109,6 +121,9 @@ class TurboQuantKVCache(_BaseCache):
         recent_keys, recent_values: ``[B, H_kv, r, D]`` in the model's dtype, the last
             ``r <= scheme.window`` tokens uncompressed (None without a window). Those tokens
             are stored packed too; attention reads them from here.
+        key_mean: centred schemes only, ``[B, H_kv, 1, D_k]`` float32: the mean of the first
+            update's keys with RoPE undone (``codec.centring``); the keys are stored less its
+            image at their position, ``rope_frame`` (a :class:`RopeFrame`) turning it there.
         packed: plain schemes (:attr:`plain`, code keys) keep the four token arrays as one,
             ``[B, H_kv, T, words_k + words_v + 1]`` uint32 (``codec.packing.token_rows``:
             the same bytes), so a decode step updates one buffer instead of four; the four
@@ -117,17 +132,20 @@ class TurboQuantKVCache(_BaseCache):
 
     step = 256
     key_channels = value_channels = None  # also for instances made by __new__
+    key_mean = rope_frame = None
     packed = None
     _keys = _key_norms = _values = _value_norms = None
     # Whether new caches of this class keep token rows; the sliding-window subclass writes
     # its four arrays in place, so it keeps them apart.
     packs_rows = True
 
-    def __init__(self, scheme="turbo4", layer_index: int = 0):
+    def __init__(self, scheme="turbo4", layer_index: int = 0, rope_frame: RopeFrame = None):
         self.scheme: KVScheme = parse_scheme(scheme)
         if isinstance(layer_index, bool) or not isinstance(layer_index, int) or layer_index < 0:
             raise ValueError(f"layer_index must be a non-negative int, got {layer_index!r}")
+        check_rope_frame(self.scheme, rope_frame)
         self.layer_index = layer_index
+        self.rope_frame, self.key_mean = rope_frame, None
         self.offset = 0
         self.keys = self.key_norms = self.values = self.value_norms = None
         self.key_channels = self.value_channels = None
@@ -206,8 +224,9 @@ class TurboQuantKVCache(_BaseCache):
     @property
     def plain(self) -> bool:
         """Whether the fused kernels read this cache's format (plain MSE codes, no
-        recent-token window)."""
-        return self.scheme.variant == "mse" and not self.scheme.window
+        recent-token window, keys not centred)."""
+        s = self.scheme
+        return s.variant == "mse" and not s.window and not s.centre_keys
 
     # -- the mlx-lm cache protocol ----------------------------------------------
 
@@ -219,7 +238,7 @@ class TurboQuantKVCache(_BaseCache):
         if self._keeps_rows():
             self._append_rows(keys, values)
         else:
-            self._append(keys, values)
+            self._append(self._centred(keys) if self.scheme.centre_keys else keys, values)
         if self.scheme.window:
             self._keep_recent(keys, values)
         return (
@@ -249,6 +268,22 @@ class TurboQuantKVCache(_BaseCache):
         if new_key_norms is not None:
             self.key_norms[:, :, prev : self.offset] = new_key_norms
         self.value_norms[:, :, prev : self.offset] = new_value_norms
+
+    def _centred(self, keys):
+        """``keys`` less the key mean turned to their positions; the first update sets
+        the mean (``codec.centring``)."""
+        self.rope_frame.check_fits(keys.shape[-1])
+        if self.key_mean is None:
+            self.key_mean = key_mean(keys, self.rope_frame, self.offset)
+        shift = mean_keys(self.key_mean, self.rope_frame, self.offset, keys.shape[2])
+        return (keys.astype(mx.float32) - shift).astype(keys.dtype)
+
+    def mean_key_block(self, start: int, stop: int):
+        """``[B, H_kv, stop - start, D_k]`` float32: what a centred cache adds back to the
+        keys at positions ``start .. stop - 1``; None when keys are not centred."""
+        if self.key_mean is None:
+            return None
+        return mean_keys(self.key_mean, self.rope_frame, start, stop - start)
 
     def _keep_recent(self, keys, values):
         w = self.scheme.window
@@ -348,9 +383,10 @@ class TurboQuantKVCache(_BaseCache):
 
     def buffers(self):
         """The arrays this cache holds, whatever their layout (e.g. to evaluate them)."""
+        frame = None if self.rope_frame is None else self.rope_frame.freqs
         arrays = (self.packed, self._keys, self._key_norms, self._values, self._value_norms,
                   self.key_channels, self.value_channels,
-                  self.recent_keys, self.recent_values)  # fmt: skip
+                  self.recent_keys, self.recent_values, self.key_mean, frame)  # fmt: skip
         return [a for a in arrays if a is not None]
 
     @property
@@ -384,6 +420,9 @@ class TurboQuantKVCache(_BaseCache):
         if self.scheme.variant == "split":  # back from outliers-first order
             keys = permute(keys, inverse_order(self.key_channels))
             values = permute(values, inverse_order(self.value_channels))
+        shift = self.mean_key_block(0, keys.shape[2])  # in the model's channel order
+        if shift is not None:
+            keys = (keys.astype(mx.float32) + shift).astype(dtype)
         if self.recent is not None:  # what attention reads for the last tokens
             r = self.recent_keys.shape[2]
             old = self.offset - r
@@ -406,20 +445,28 @@ class TurboQuantKVCache(_BaseCache):
             self.layer_index, self.offset, self.k_dim, self.v_dim, self._dtype, s.variant,
         )  # fmt: skip
 
+    def _centring_state(self):
+        """The key mean and the RoPE frame (centred schemes), else nothing."""
+        if not self.scheme.centre_keys:
+            return ()
+        return (self.key_mean, self.rope_frame.to_array())
+
     @property
     def state(self):
         """The four token arrays, then (new mlx-lm) the scalars, then the two channel
-        orders (None unless the scheme splits channels)."""
+        orders (None unless the scheme splits channels), then a window's recent keys and
+        values, then a centred scheme's key mean and RoPE frame."""
         if self.keys is None:
             arrays = (None, None, None, None)
         else:
             arrays = self._stored_arrays()
         channels = (self.key_channels, self.value_channels)
         recent = (self.recent_keys, self.recent_values) if self.scheme.window else ()
+        extra = recent + self._centring_state()
         if USES_META_STATE:
             arrays += channels if self.scheme.variant == "split" else ()
-            return tuple(a if a is not None else mx.array([]) for a in arrays + recent)
-        return arrays + self._scalars() + channels + recent
+            return tuple(a if a is not None else mx.array([]) for a in arrays + extra)
+        return arrays + self._scalars() + channels + extra
 
     @state.setter
     def state(self, v):
@@ -427,31 +474,44 @@ class TurboQuantKVCache(_BaseCache):
         n = 4 + len(self._state_fields) + 2
         # Only the plain cache has files from before the variant field.
         has_legacy = self._state_fields is _STATE_FIELDS
-        recent = [None, None]
         if USES_META_STATE:  # the scalars (and so the scheme) came first, in meta_state
-            split, window = self.scheme.variant == "split", bool(self.scheme.window)
-            n = 4 + 2 * split + 2 * window
+            split = self.scheme.variant == "split"
+            n = 4 + 2 * split + self._extra_items()
             if len(v) != n:
                 raise ValueError(f"{name} state holds {n} arrays, got {len(v)} items")
-            arrays, channels = v[:4], v[4:6] if split else [None, None]
-            recent = v[-2:] if window else recent
+            arrays, channels, extra = v[:4], v[4:6] if split else [None, None], v[4 + 2 * split :]
         elif has_legacy and len(v) == 4 + _LEGACY_FIELDS:  # before the variant field
-            arrays, channels = v[:4], [None, None]
+            arrays, channels, extra = v[:4], [None, None], []
             self._set_scalars(v[4:] + ["mse"])
         else:
-            if len(v) not in (n, n + 2):  # + 2: a recent-token window's keys and values
-                extra = f" (or {4 + _LEGACY_FIELDS} from older files)" if has_legacy else ""
-                raise ValueError(f"{name} state holds {n} items, {n + 2} with a recent-token "
-                                 f"window{extra}, got {len(v)}")  # fmt: skip
-            arrays, channels = v[:4], v[n - 2 : n]
+            # + 2: a recent-token window's keys and values; + 2: a centred key mean and frame
+            if len(v) not in (n, n + 2, n + 4):
+                old = f" (or {4 + _LEGACY_FIELDS} from older files)" if has_legacy else ""
+                raise ValueError(f"{name} state holds {n} items, 2 or 4 more with a recent-"
+                                 f"token window or centred keys{old}, got {len(v)}")  # fmt: skip
+            arrays, channels, extra = v[:4], v[n - 2 : n], v[n:]
             self._set_scalars(v[4 : n - 2])
-            recent = v[n:] or recent
-            if (len(v) > n) != bool(self.scheme.window):
+            if len(extra) != self._extra_items():
                 raise ValueError(f"scheme {self.scheme.name!r} does not match a state of "
                                  f"{len(v)} items")  # fmt: skip
         self.key_channels, self.value_channels = map(array_or_none, channels)
+        recent = extra[:2] if self.scheme.window else [None, None]
         self.recent_keys, self.recent_values = map(array_or_none, recent)
+        self._set_centring(*(extra[-2:] if self.scheme.centre_keys else [None, None]))
         self._set_arrays(arrays)
+
+    def _extra_items(self) -> int:
+        """State items after the channel orders: a window's 2, a centred scheme's 2."""
+        return 2 * bool(self.scheme.window) + 2 * self.scheme.centre_keys
+
+    def _set_centring(self, mean, frame):
+        mean, frame = array_or_none(mean), array_or_none(frame)
+        if self.scheme.centre_keys:
+            if frame is None:
+                raise ValueError(f"scheme {self.scheme.name!r} centres keys; its state must "
+                                 "carry the RoPE frame")  # fmt: skip
+            frame = RopeFrame.from_array(frame, self.k_dim or MAX_HEAD_DIM)
+        self.key_mean, self.rope_frame = mean, frame
 
     @property
     def meta_state(self):
@@ -499,8 +559,10 @@ class TurboQuantKVCache(_BaseCache):
                 f"scheme {name!r} does not match key_bits={kb}, value_bits={vb}, "
                 f"variant={variant!r}"
             )
-        window = 0 if scheme is None else scheme.window  # a built-in name carries it
-        self.scheme = KVScheme(name, kb, vb, bool(nc), seed, variant, window)
+        # A built-in name carries its window and centring.
+        window = 0 if scheme is None else scheme.window
+        centre = False if scheme is None else scheme.centre_keys
+        self.scheme = KVScheme(name, kb, vb, bool(nc), seed, variant, window, centre)
         for field, x in (("layer_index", layer), ("offset", offset)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{field} must be a non-negative int, got {x!r}")
@@ -579,6 +641,23 @@ class TurboQuantKVCache(_BaseCache):
             raise ValueError(f"scheme {self.scheme.name} does not split channels; "
                              "its state must not carry channel orders")  # fmt: skip
         self._validate_recent(B, H)
+        self._validate_centring(B, H)
+
+    def _validate_centring(self, B, H):
+        mean = getattr(self, "key_mean", None)
+        if not self.scheme.centre_keys:
+            if mean is not None or getattr(self, "rope_frame", None) is not None:
+                raise ValueError(f"scheme {self.scheme.name} does not centre keys; its state "
+                                 "must not carry a key mean or RoPE frame")  # fmt: skip
+            return
+        self.rope_frame.check_fits(self.k_dim)
+        if self.offset and (not isinstance(mean, mx.array) or tuple(mean.shape) != (
+                B, H, 1, self.k_dim) or mean.dtype != mx.float32):  # fmt: skip
+            raise ValueError(
+                f"TurboQuantKVCache key mean must be a [{B}, {H}, 1, {self.k_dim}] float32 array "
+                f"once tokens are stored, got "
+                f"{None if mean is None else (tuple(mean.shape), mean.dtype)}"
+            )
 
     def _check_positions(self, T: int):
         """The position scalars against the ``T`` tokens stored."""
@@ -608,6 +687,7 @@ class TurboQuantKVCache(_BaseCache):
         obj.keys = obj.key_norms = obj.values = obj.value_norms = None
         obj.key_channels = obj.value_channels = None
         obj.recent_keys = obj.recent_values = None
+        obj.key_mean = obj.rope_frame = None
         obj._dtype = None
         obj.scheme = parse_scheme("turbo4")  # replaced by the state's scalars
         if meta_state is not None:

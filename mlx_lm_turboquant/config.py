@@ -1,5 +1,5 @@
-"""Schemes as data: parsing "turbo4" / "turbo4v2" / "turbo0v4" / "turbo4-prod" / "turbo3.5",
-and layer specs.
+"""Schemes as data: parsing "turbo4" / "turbo4v2" / "turbo0v4" / "turbo4-prod" / "turbo3.5" /
+"turbo3cw9", and layer specs.
 
 Every bad input raises ``ValueError`` naming what was given and what is allowed.
 """
@@ -26,10 +26,12 @@ SCHEME_FORMS = (
     "turbo{B}-prod or turbo{K}v{V}-prod with B, K in {2, 3, 4} (keys: K-1 MSE bits + 1 QJL "
     "bit) and V in {2, 3, 4}",
     "turbo2.5 or turbo3.5 (half the channels at one bit more, keys and values)",
+    "any of them with quantized keys with c after the bits: keys centred in RoPE's frame "
+    "(turbo3c, turbo4v3c, turbo3.5c)",
     f"any of them with w{{W}} before -prod, W in [1, {MAX_WINDOW}]: the W most recent tokens "
-    "also kept uncompressed (turbo4w16, turbo3.5w16, turbo4w16-prod)",
+    "also kept uncompressed (turbo4w16, turbo3.5w16, turbo3cw9, turbo4w16-prod)",
 )
-_NAME = re.compile(r"^turbo(\d+)(?:v(\d+)|(\.5))?(?:w(\d+))?(-prod)?$")
+_NAME = re.compile(r"^turbo(\d+)(?:v(\d+)|(\.5))?(c)?(?:w(\d+))?(-prod)?$")
 
 
 def split_dims(dim: int):
@@ -51,6 +53,9 @@ class KVScheme:
             "split", ``key_bits`` / ``value_bits`` are the bits of the non-outlier half.
         window: the most recent ``window`` tokens are also kept uncompressed, and attention
             reads them from there (docs/evaluation.md: the fp16 window lever).
+        centre_keys: keys are stored less their first tokens' mean taken in RoPE's frame,
+            and attention adds that mean's exact score back (``codec.centring``;
+            docs/evaluation.md, lever (g)).
     """
 
     name: str
@@ -60,6 +65,7 @@ class KVScheme:
     seed: int = 0
     variant: str = "mse"
     window: int = 0
+    centre_keys: bool = False
 
     def __post_init__(self):
         if self.key_bits not in KEY_BITS:
@@ -81,6 +87,11 @@ class KVScheme:
         w = self.window
         if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= MAX_WINDOW:
             raise ValueError(f"window must be an int in [0, {MAX_WINDOW}], got {w!r}")
+        if self.centre_keys not in (True, False):
+            raise ValueError(f"centre_keys must be a bool, got {self.centre_keys!r}")
+        if self.centre_keys and self.key_bits == 0:
+            raise ValueError("centre_keys needs quantized keys; fp16 keys (key_bits 0) are "
+                             "stored exactly")  # fmt: skip
 
     def vector_format(self, kind: str, dim: int):
         """``(uint32 words, fp16 norms)`` one stored vector costs; ``kind``: "keys" / "values".
@@ -130,37 +141,50 @@ def parse_scheme(name) -> KVScheme:
         raise ValueError(f"a KV scheme is a name such as 'turbo4', got {name!r}")
     m = _NAME.match(name.strip().lower())
     if m is not None:
-        k, v, half, w, prod = m.groups()
-        k, window = int(k), 0 if w is None else int(w)
+        k, v, half, c, w, prod = m.groups()
+        k, window, centre = int(k), 0 if w is None else int(w), c is not None
         vb = k if v is None else int(v)
-        if w is not None and not 1 <= window <= MAX_WINDOW:
-            pass  # w0 or a window over MAX_WINDOW: not a scheme
+        if (w is not None and not 1 <= window <= MAX_WINDOW) or (centre and k == 0):
+            pass  # w0, a window over MAX_WINDOW, or centred fp16 keys: not a scheme
         elif half is not None:
             if k in SPLIT_BITS and not prod:
-                return KVScheme(m.group(0), k, k, variant="split", window=window)
+                return KVScheme(m.group(0), k, k, variant="split", window=window,
+                                centre_keys=centre)  # fmt: skip
         elif (k in SYMMETRIC_BITS if v is None else vb in VALUE_BITS) and k in (
             PROD_KEY_BITS if prod else KEY_BITS
         ):
-            return KVScheme(_compose(k, v and vb, half, window, prod), k, vb,
-                            variant="prod" if prod else "mse", window=window)  # fmt: skip
+            return KVScheme(_compose(k, v and vb, half, window, prod, c), k, vb,
+                            variant="prod" if prod else "mse", window=window,
+                            centre_keys=centre)  # fmt: skip
     raise ValueError(f"unknown KV scheme {name!r}; valid forms: " + "; ".join(SCHEME_FORMS))
 
 
-def _compose(k, v, half, window, prod) -> str:
-    """A built-in name from its parts: turbo{k}, v{v} or .5, w{window}, -prod."""
-    return (f"turbo{k}" + (f"v{v}" if v is not None else half or "")
+def _compose(k, v, half, window, prod, centre=None) -> str:
+    """A built-in name from its parts: turbo{k}, v{v} or .5, c, w{window}, -prod."""
+    return (f"turbo{k}" + (f"v{v}" if v is not None else half or "") + (centre and "c" or "")
             + (f"w{window}" if window else "") + (prod or ""))  # fmt: skip
 
 
 def with_window(scheme: KVScheme, window: int) -> KVScheme:
     """``scheme`` with another window; a built-in name follows (turbo4 -> turbo4w16)."""
-    if window == scheme.window:
+    return _with(scheme, window, scheme.centre_keys)
+
+
+def with_centring(scheme: KVScheme, centre: bool) -> KVScheme:
+    """``scheme`` with centred keys or without; a built-in name follows (turbo3 -> turbo3c).
+    fp16 keys are never centred: ``centre`` is ignored for them."""
+    return _with(scheme, scheme.window, centre and scheme.key_bits > 0)
+
+
+def _with(scheme: KVScheme, window: int, centre: bool) -> KVScheme:
+    if (window, centre) == (scheme.window, scheme.centre_keys):
         return scheme
     m = _NAME.match(scheme.name)
     if m is None:  # a plugin's name stays as registered
-        return replace(scheme, window=window)
-    k, v, half, _, prod = m.groups()
-    return replace(scheme, name=_compose(k, v, half, window, prod), window=window)
+        return replace(scheme, window=window, centre_keys=centre)
+    k, v, half, _, _, prod = m.groups()
+    name = _compose(k, v, half, window, prod, "c" if centre else None)
+    return replace(scheme, name=name, window=window, centre_keys=centre)
 
 
 def builtin_scheme_names() -> list:
@@ -292,8 +316,9 @@ def parse_layer_plan(spec, num_layers: int, scheme) -> dict:
     plan = {i: base for i in chosen}
     for layers, name in assigned:
         target = None if name.lower() == "fp16" else parse_scheme(name)
-        if target is not None:  # the base scheme's seed, norm correction, window carry over
+        if target is not None:  # the base's seed, norm correction, window, centring carry over
             target = with_window(target, target.window or base.window)
+            target = with_centring(target, target.centre_keys or base.centre_keys)
             target = replace(target, norm_correction=base.norm_correction, seed=base.seed)
         for i in _parse_part(layers, num_layers, spec):
             if target is None:

@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache
 
 from .cache import _STATE_FIELDS, CompressedKV, TurboQuantKVCache, take_head_dims
+from .config import parse_scheme
 
 _ROTATING_FIELDS = ("keep", "max_size", "idx")
 
@@ -63,12 +64,8 @@ class RotatingTurboQuantKVCache(TurboQuantKVCache):
 
     def __init__(self, scheme="turbo4", layer_index: int = 0, *, max_size: int, keep: int = 0):
         _check_window(max_size, keep)
+        check_slidable(parse_scheme(scheme))
         super().__init__(scheme, layer_index)
-        if self.scheme.window:
-            raise ValueError(
-                f"scheme {self.scheme.name!r} keeps a recent-token window, which sliding-window "
-                "caches do not: use the scheme without w<N> (make_prompt_cache drops it there)"
-            )
         self.max_size, self.keep = max_size, keep
         self._idx = 0
 
@@ -211,6 +208,7 @@ class RotatingTurboQuantKVCache(TurboQuantKVCache):
         if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
             raise ValueError(f"_idx must be a non-negative int, got {idx!r}")
         super()._set_scalars(values[:n])
+        check_slidable(self.scheme)
         self.keep, self.max_size, self._idx = keep, max_size, idx
 
     def _check_positions(self, T: int):
@@ -219,6 +217,21 @@ class RotatingTurboQuantKVCache(TurboQuantKVCache):
         if T < min(self.offset, self.max_size):
             raise ValueError(f"{T} slots stored cannot hold the last {min(self.offset, self.max_size)} "
                              f"tokens (offset {self.offset}, max_size {self.max_size})")  # fmt: skip
+
+
+def check_slidable(scheme):
+    """A sliding window keeps no separate recent-token window, and its ring buffer does not
+    track positions, which centred keys need."""
+    if scheme.window:
+        raise ValueError(
+            f"scheme {scheme.name!r} keeps a recent-token window, which sliding-window "
+            "caches do not: use the scheme without w<N> (make_prompt_cache drops it there)"
+        )
+    if scheme.centre_keys:
+        raise ValueError(
+            f"scheme {scheme.name!r} centres keys in RoPE's frame, which sliding-window "
+            "caches do not: use the scheme without c (make_prompt_cache drops it there)"
+        )
 
 
 def compress_rotating_cache(cache: RotatingKVCache, scheme, layer_index: int = 0):

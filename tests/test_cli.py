@@ -144,15 +144,19 @@ def test_flag_errors_are_clear(tq_python, args, env, message):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("flags, named", [
-    (("--kv-scheme", "turbo4w16"), "turbo4w16"),
-    (("--kv-scheme", "turbo4", "--kv-layers", "all,-1=turbo8v4w8"), "turbo8v4w8"),
+@pytest.mark.parametrize("flags, named, what", [
+    (("--kv-scheme", "turbo4w16"), "turbo4w16", "a recent-token window"),
+    (("--kv-scheme", "turbo4", "--kv-layers", "all,-1=turbo8v4w8"), "turbo8v4w8",
+     "a recent-token window"),
+    (("--kv-scheme", "turbo3c"), "turbo3c", "centred keys"),
+    (("--kv-scheme", "turbo3", "--kv-layers", "all,-1=turbo4v3c"), "turbo4v3c", "centred keys"),
 ])  # fmt: skip
-def test_server_refuses_recent_windows_at_start(tq_python, flags, named):
-    # Batch caches keep no recent-token window: the server says so before loading anything.
+def test_server_refuses_unbatchable_schemes_at_start(tq_python, flags, named, what):
+    # Batch caches keep neither a recent-token window nor centred keys: the server says so
+    # before loading anything.
     out = mlx_lm(tq_python, "server", "--model", TEST_MODEL, *flags, env=clean_env())
     assert out.returncode == 2, out.stderr
-    assert f"{named} keep a recent-token window" in out.stderr and "Traceback" not in out.stderr
+    assert f"{named} keep {what}" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cache_prompt_then_generate_from_the_file(tq_python, tmp_path):

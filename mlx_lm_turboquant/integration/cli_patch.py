@@ -85,13 +85,16 @@ def after_parse(parser: argparse.ArgumentParser, args, command: str):
         )
     batched = command == "server" or (command == "benchmark" and getattr(args, "batch_size", 1) > 1)
     if on and batched:
-        windowed = _windowed_schemes(selection)
-        if windowed:
-            parser.error(
-                f"{', '.join(windowed)} keep a recent-token window, which batch caches "
-                f"(mlx_lm.{command} batches requests) do not support yet; use the scheme "
-                "without w<N>"
-            )
+        schemes = _layer_schemes(selection)
+        for what, names, letter in (
+            ("a recent-token window", [s.name for s in schemes if s.window], "w<N>"),
+            ("centred keys", [s.name for s in schemes if s.centre_keys], "c"),
+        ):
+            if names:
+                parser.error(
+                    f"{', '.join(names)} keep {what}, which batch caches (mlx_lm.{command} "
+                    f"batches requests) do not support yet; use the scheme without {letter}"
+                )
     if command == "perplexity" and args.kv_chunk_size is not None:
         if not on:
             parser.error("--kv-chunk-size needs --kv-scheme (or MLX_TQ_SCHEME)")
@@ -114,16 +117,15 @@ def after_parse(parser: argparse.ArgumentParser, args, command: str):
     return args
 
 
-def _windowed_schemes(selection) -> list:
-    """Names of the schemes with a recent-token window among the selection's base scheme and
-    the per-layer schemes of its layer spec."""
+def _layer_schemes(selection) -> list:
+    """The selection's base scheme and the per-layer schemes of its layer spec, by name."""
     from ..config import layer_spec_in_force, parse_layer_plan
 
     spec = layer_spec_in_force(selection.layers, selection.info.layers)
     schemes = {selection.scheme}
     if spec is not None:
         schemes |= set(parse_layer_plan(spec, 4096, selection.scheme).values())
-    return sorted(s.name for s in schemes if s.window)
+    return sorted(schemes, key=lambda s: s.name)
 
 
 def _with_parse_hook(parser, command):

@@ -104,6 +104,8 @@ def describe(model, plan, source: str, label: str = "") -> str:
         parts.append(", ".join(f"{ranges(idx)} as {name}" for name, idx in by_name.items()))
     if kept:
         parts.append(kept.replace("(layer spec)", f"(layers '{plan.layers_spec}')"))
+    for why, idx in plan.uncentred.items():
+        parts.append(f"keys of {ranges(idx)} NOT centred ({why})")
     sizes = bytes_per_token(model, plan)
     if sizes is not None:
         ours, fp16 = sizes
@@ -112,5 +114,5 @@ def describe(model, plan, source: str, label: str = "") -> str:
 
 
 def report(model, plan, source: str, label: str = ""):
-    # A scheme that cannot take effect is said even when quiet.
-    emit(describe(model, plan, source, label), force=not plan.compressed)
+    # A scheme (or its centring) that cannot take effect is said even when quiet.
+    emit(describe(model, plan, source, label), force=not plan.compressed or bool(plan.uncentred))

@@ -11,6 +11,8 @@ Prod keys (Algorithm 2) add the QJL term: the rotated query is also sketched onc
 and each key contributes <S q', ||r|| sqrt(pi/2)/D sign(S r)>. Split schemes store each
 head's channels outliers first: the query is put in that order before its (block-diagonal)
 rotation, and the output is put back in the model's order after the values' rotation.
+Centred keys (``c`` schemes) are stored less ``R_p mu``: each packed block's scores get
+``q . R_p mu`` back, computed exactly in the model's basis (``codec.centring``).
 """
 
 import mlx.core as mx
@@ -84,6 +86,7 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
 
     q = queries.astype(mx.float32) * scale
     q = q.reshape(B, n_kv_heads, n_rep, L, -1)
+    q_model = q  # the model's basis, for a centred cache's mean-key scores
     if split:
         q = permute(q, cache.key_channels)
     if key_codec is not None:
@@ -105,8 +108,11 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
         rk = rk if key_codec is None else key_codec.rotation.forward(rk)
         rv = value_codec.rotation.forward(rv)
 
+    mean_keys = getattr(cache, "mean_key_block", None)
+
     def blocks():
-        """``(k0, k1, keys, values, QJL weights or None)`` per block of tokens, rotated."""
+        """``(k0, k1, keys, values, QJL weights or None, mean keys or None)`` per block of
+        tokens, rotated (the mean keys in the model's basis)."""
         for k0 in range(0, T - r, block_tokens):
             k1 = min(T - r, k0 + block_tokens)
             kb, kn = keys[:, :, k0:k1], None if key_norms is None else key_norms[:, :, k0:k1]
@@ -119,19 +125,21 @@ def reference_sdpa(queries, cache, scale, mask=None, sinks=None,
             else:
                 k = key_codec.decode_rotated(kb, kn)
             v = value_codec.decode_rotated(values[:, :, k0:k1], value_norms[:, :, k0:k1])
-            yield k0, k1, k, v, w
+            yield k0, k1, k, v, w, None if mean_keys is None else mean_keys(k0, k1)
         if r:
-            yield T - r, T, rk, rv, None
+            yield T - r, T, rk, rv, None, None
 
     outputs = []
     for q0 in range(0, L, block_queries):
         q1 = min(L, q0 + block_queries)
         qc = q[..., q0:q1, :]
         m_run = l_run = acc = None
-        for k0, k1, k, v, w in blocks():
+        for k0, k1, k, v, w, mk in blocks():
             s = qc @ mx.expand_dims(k, 2).swapaxes(-1, -2)  # [B, H_kv, n_rep, Lc, Tb]
             if w is not None:
                 s = s + q_sketch[..., q0:q1, :] @ mx.expand_dims(w, 2).swapaxes(-1, -2)
+            if mk is not None:
+                s = s + q_model[..., q0:q1, :] @ mx.expand_dims(mk, 2).swapaxes(-1, -2)
             m = _mask_block(mask, q0, q1, k0, k1, L, T)
             if m is not None:
                 s = mx.where(m, s, _NEG) if m.dtype == mx.bool_ else s + m.astype(s.dtype)
