@@ -131,12 +131,8 @@ def layer_rope_frame(model, cache: list, index: int):
     owners = [m for _, m in layers[index].named_modules() if callable(getattr(m, "rope", None))]
     if not owners:
         return None, "the layer has no rope module"
-    rope = owners[0].rope
-    dims = getattr(rope, "dims", getattr(rope, "dim", getattr(owners[0], "head_dim", None)))
-    if not isinstance(dims, int):
-        return None, f"cannot tell how many channels {type(rope).__name__} turns"
     try:
-        return probe_rope(rope, dims), None
+        return probe_rope(owners[0].rope, getattr(owners[0], "head_dim", None)), None
     except ValueError as e:
         return None, str(e)
 

@@ -272,8 +272,8 @@ class TurboQuantKVCache(_BaseCache):
     def _centred(self, keys):
         """``keys`` less the key mean turned to their positions; the first update sets
         the mean (``codec.centring``)."""
-        self.rope_frame.check_fits(keys.shape[-1])
         if self.key_mean is None:
+            self.rope_frame.check_fits(keys.shape[-1])  # later keys have the same dims
             self.key_mean = key_mean(keys, self.rope_frame, self.offset)
         shift = mean_keys(self.key_mean, self.rope_frame, self.offset, keys.shape[2])
         return (keys.astype(mx.float32) - shift).astype(keys.dtype)
@@ -644,9 +644,9 @@ class TurboQuantKVCache(_BaseCache):
         self._validate_centring(B, H)
 
     def _validate_centring(self, B, H):
-        mean = getattr(self, "key_mean", None)
+        mean = self.key_mean
         if not self.scheme.centre_keys:
-            if mean is not None or getattr(self, "rope_frame", None) is not None:
+            if mean is not None or self.rope_frame is not None:
                 raise ValueError(f"scheme {self.scheme.name} does not centre keys; its state "
                                  "must not carry a key mean or RoPE frame")  # fmt: skip
             return

@@ -16,6 +16,7 @@ more of the mean.
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -74,13 +75,20 @@ def _describe(a):
     return f"{a.dtype} array of shape {tuple(a.shape)}" if isinstance(a, mx.array) else repr(a)
 
 
-def probe_rope(rope, dim: int) -> RopeFrame:
+def probe_rope(rope, dim: Optional[int] = None) -> RopeFrame:
     """The :class:`RopeFrame` a model's RoPE module ``rope`` (``rope(x, offset=...)``)
-    applies to ``dim``-channel heads, read off its action on the unit vectors.
+    applies to ``dim``-channel heads (default: the channels it says it turns, ``dims`` or
+    ``dim``), read off its action on the unit vectors.
 
     Raises ``ValueError`` when the module is not a position-linear pairwise rotation that a
     frame reproduces (input scaling such as YaRN's is allowed: it does not turn vectors).
     """
+    dims = getattr(rope, "dims", getattr(rope, "dim", dim))
+    dim = dims if dim is None else dim
+    if not (isinstance(dim, int) and isinstance(dims, int) and 2 <= dims <= dim
+            and dims % 2 == 0):  # fmt: skip
+        raise ValueError(f"cannot tell how {type(rope).__name__} turns heads of {dim!r} "
+                         f"channels (it says it turns {dims!r})")  # fmt: skip
     eye = mx.eye(dim, dtype=mx.float32).reshape(dim, 1, 1, dim)
 
     def image(offset):  # row i: where e_i goes, rows scaled to unit length
@@ -91,11 +99,8 @@ def probe_rope(rope, dim: int) -> RopeFrame:
         near, far = image(1), image(_PROBE_FAR)
     except Exception as e:  # noqa: BLE001 (any failure means: not a RoPE we can copy)
         raise ValueError(f"cannot probe {type(rope).__name__} as RoPE: {e}") from None
-    dims = getattr(rope, "dims", getattr(rope, "dim", dim))
     layouts = [rope.traditional] if isinstance(getattr(rope, "traditional", None), bool) else [
         False, True]  # fmt: skip
-    if not (isinstance(dims, int) and 2 <= dims <= dim and dims % 2 == 0):
-        raise ValueError(f"{type(rope).__name__} rotates {dims!r} channels of {dim}")
     for traditional in layouts:
         half = np.arange(dims // 2)
         a, b = (2 * half, 2 * half + 1) if traditional else (half, half + dims // 2)
