@@ -224,9 +224,9 @@ class TurboQuantKVCache(_BaseCache):
     @property
     def plain(self) -> bool:
         """Whether the fused kernels read this cache's format (plain MSE codes, no
-        recent-token window, keys not centred)."""
+        recent-token window; centred keys are read with their mean)."""
         s = self.scheme
-        return s.variant == "mse" and not s.window and not s.centre_keys
+        return s.variant == "mse" and not s.window
 
     # -- the mlx-lm cache protocol ----------------------------------------------
 
@@ -235,10 +235,11 @@ class TurboQuantKVCache(_BaseCache):
         B, n_kv_heads, L, k_dim = keys.shape
         v_dim = values.shape[-1]
         take_head_dims(self, keys, values)
+        stored_keys = self._centred(keys) if self.scheme.centre_keys else keys
         if self._keeps_rows():
-            self._append_rows(keys, values)
+            self._append_rows(stored_keys, values)
         else:
-            self._append(self._centred(keys) if self.scheme.centre_keys else keys, values)
+            self._append(stored_keys, values)
         if self.scheme.window:
             self._keep_recent(keys, values)
         return (

@@ -166,9 +166,23 @@ def test_attention_matches_dense_attention_on_the_decoded_cache(scheme):
         assert float(mx.abs(got - want).max()) < 2e-3, (scheme, mask)  # GPU matmuls: TF32
 
 
-def test_fused_kernels_decline_centred_caches():
+def test_fused_kernels_read_centred_caches_but_not_windows():
     frame = probe_rope(ROPES["default"](), D)
-    assert _cache("turbo3", None).plain and not _cache("turbo3c", frame).plain
+    assert _cache("turbo3", None).plain and _cache("turbo3c", frame).plain
+    assert not _cache("turbo3cw9", frame).plain
+
+
+@pytest.mark.parametrize("name", ["default", "traditional", "partial"])
+def test_standard_frame_is_the_probed_one(name):
+    rope = ROPES[name]()
+    probed = probe_rope(rope, D)
+    frame = RopeFrame.standard(rope.dims, rope.base, rope.traditional)
+    assert (frame.dims, frame.traditional) == (probed.dims, probed.traditional)
+    assert np.allclose(np.array(frame.freqs), np.array(probed.freqs), rtol=1e-3)
+    assert np.allclose(np.array(frame.omega), 1.0 / np.array(frame.freqs), rtol=1e-6)
+    for dims, base in ((127, 10000.0), (0, 10000.0), (128, 1.0), ("128", 10000.0)):
+        with pytest.raises(ValueError, match="even dims >= 2 and a base > 1"):
+            RopeFrame.standard(dims, base)
 
 
 def test_the_cache_asks_for_a_frame_exactly_when_it_centres():

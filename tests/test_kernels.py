@@ -414,6 +414,84 @@ def test_tensor_core_plan_limits():
     assert launch.tensor_core_plan(128, 4, 1, 4, 4, False, shared) is None
 
 
+def test_centred_plans():
+    """Centring needs the query in shared memory (the block turns it into Z itself) and, on
+    tensor cores, whole k-chunks of RoPE pairs (dims a multiple of 16)."""
+    shared = 48 * 1024
+    plain = launch.attention_plan(128, 4, 1, 4, mx.float16, 4, shared, True)
+    plan = launch.attention_plan(128, 4, 1, 4, mx.float16, 4, shared, True, (128, False))
+    assert plan.CENTRED and plan.RDIMS == 128 and not plan.RTRAD and not plain.CENTRED
+    assert plan.TILE <= plain.TILE  # the centring tables take shared memory
+    assert launch.attention_plan(128, 4, 1, 4, mx.float16, 4, shared, True, (130, False)) is None
+    # 64 rows: the query does not fit in shared memory, so centring cannot run there
+    assert launch.attention_plan(128, 8, 8, 4, mx.float16, 4, 32 * 1024, True,
+                                 (128, False)) is None  # fmt: skip
+    tc = launch.tensor_core_plan(128, 4, 1, 4, 4, True, shared, True, (64, True))
+    assert tc.CENTRED and tc.RDIMS == 64 and tc.RTRAD
+    assert launch.tensor_core_plan(128, 4, 1, 4, 4, True, shared, True, (40, False)) is None
+    assert launch.attention_plan(128, 4, 1, 4, mx.float16, 4, shared, True, (40, False)).CENTRED
+
+
+def _centred_case(scheme, D, n_rep, L, rope, seed):
+    """A centred cache whose keys share a large mean before RoPE, queries, and the float32
+    attention on the original vectors."""
+    from mlx_lm_turboquant.codec.centring import RopeFrame
+
+    dims, traditional = rope
+    frame = RopeFrame.standard(dims, 500000.0, traditional)
+    n_kv = 2
+    mx.random.seed(seed)
+    mean = mx.random.normal((1, n_kv, 1, D)) * 4.0
+    keys = frame.rotate(mean + mx.random.normal((1, n_kv, T, D)), 0).astype(mx.bfloat16)
+    values = mx.random.normal((1, n_kv, T, D)).astype(mx.bfloat16)
+    cache = TurboQuantKVCache(scheme, layer_index=seed, rope_frame=frame)
+    cache.update_and_fetch(keys[:, :, : T - L], values[:, :, : T - L])
+    cache.update_and_fetch(keys[:, :, T - L :], values[:, :, T - L :])
+    q = (mx.random.normal((1, n_kv * n_rep, L, D)) * 2.0).astype(mx.bfloat16)
+    return cache, q, keys, values
+
+
+@needs_gxx
+@pytest.mark.parametrize(
+    "scheme, D, n_rep, L, rope, mask",
+    [
+        ("turbo4c", 128, 4, 1, (128, False), None),
+        ("turbo3c", 64, 2, 4, (64, True), "causal"),  # adjacent pairs, code straddles
+        ("turbo4v2c", 128, 2, 1, (64, False), None),  # half the channels turn: c0
+        ("turbo2c", 96, 4, 1, (96, True), None),  # portable only (D = 96)
+        ("turbo8v4c", 64, 8, 4, (48, False), "causal"),  # 32 rows, 8-bit keys: portable
+    ],
+)
+def test_emulated_centred_attention(monkeypatch, scheme, D, n_rep, L, rope, mask):
+    """Both kernels add q . R_t mu to the scores of a centred cache: against the float32
+    attention on the original keys, the twin, and each other."""
+    import kernel_emulator as emu
+
+    monkeypatch.setattr(launch, "MIN_SPAN", 0)
+    monkeypatch.setattr(launch, "TARGET_BLOCKS", 4)  # each warp takes several steps
+    cache, q, keys, values = _centred_case(scheme, D, n_rep, L, rope, seed=D + L)
+    assert cache.plain and cache.packed is not None
+    exact = mx.fast.scaled_dot_product_attention(
+        q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
+        scale=D**-0.5, mask=mask)  # fmt: skip
+    twin = reference_sdpa(q, cache, D**-0.5, mask=mask)
+    e_twin = _rms(twin, exact)
+    run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
+                  mask=mask)  # fmt: skip
+    tc_plan = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,
+                           mx.uint32, n_rep, L, D, True, True, rope)[0]  # fmt: skip
+    assert tc_plan == ("attention_tc" if D in (64, 128) and n_rep * L <= 8 and
+                       cache.key_codec.bits <= 4 else "attention")  # fmt: skip
+    for tensor_cores in (True, False):
+        fused = run(tensor_cores=tensor_cores)
+        assert fused is not None and not mx.isnan(fused).any()
+        assert _rms(fused, exact) <= 2 * e_twin + 1e-6
+        assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin, tensor_cores
+    # the mean's scores are not optional: the same codes scored without them are far off
+    cache.key_mean = mx.zeros_like(cache.key_mean)
+    assert _rms(run(), twin.astype(mx.float32)) > 0.5 * e_twin
+
+
 def test_tensor_core_switch(monkeypatch):
     monkeypatch.setenv(launch.TENSOR_CORES_ENV, "0")
     assert launch.tensor_cores_enabled() is False

@@ -13,7 +13,8 @@ import pytest
 
 from mlx_lm_turboquant import TurboQuantKVCache, kernels
 from mlx_lm_turboquant.codec import get_codec
-from mlx_lm_turboquant.config import builtin_scheme_names
+from mlx_lm_turboquant.codec.centring import RopeFrame
+from mlx_lm_turboquant.config import builtin_scheme_names, parse_scheme
 from mlx_lm_turboquant.kernels import launch
 from mlx_lm_turboquant.kernels.reference import reference_sdpa
 
@@ -30,12 +31,17 @@ def _rms(a, ref):
 
 
 def _case(scheme, D, n_rep, L, dtype, seed, n_kv=2, mask=None, sinks=False, scale=1.0,
-          q_scale=1.0):  # fmt: skip
+          q_scale=1.0, frame=None, must_cover=True):  # fmt: skip
+    """Fused, twin and exact attention on a fresh cache; with a RoPE ``frame`` (centred
+    schemes) the keys are a shared mean plus noise, turned to their positions."""
     mx.random.seed(seed)
-    keys = (mx.random.normal((1, n_kv, T, D)) * 2.0 * scale).astype(dtype)
+    keys = mx.random.normal((1, n_kv, T, D)) * 2.0 * scale
+    if frame is not None:
+        keys = frame.rotate(keys + mx.random.normal((1, n_kv, 1, D)) * 4.0 * scale, 0)
+    keys = keys.astype(dtype)
     values = (mx.random.normal((1, n_kv, T, D)) * scale).astype(dtype)
     queries = (mx.random.normal((1, n_kv * n_rep, L, D)) * q_scale).astype(dtype)
-    cache = TurboQuantKVCache(scheme, layer_index=seed % 97)
+    cache = TurboQuantKVCache(scheme, layer_index=seed % 97, rope_frame=frame)
     cache.update_and_fetch(keys[:, :, : T - L], values[:, :, : T - L])
     cache.update_and_fetch(keys[:, :, T - L :], values[:, :, T - L :])
     s = mx.random.normal((n_kv * n_rep,)) if sinks else None
@@ -46,8 +52,8 @@ def _case(scheme, D, n_rep, L, dtype, seed, n_kv=2, mask=None, sinks=False, scal
     )  # fmt: skip
     twin = reference_sdpa(queries, cache, scale_qk, mask=mask, sinks=s)
     fused = BACKEND.decode_attention(queries, cache, scale_qk, mask=mask, sinks=s)
-    assert fused is not None, "the fused kernel declined a shape it must cover"
-    mx.eval(exact, twin, fused)
+    assert fused is not None or not must_cover, "the fused kernel declined a shape it must cover"
+    mx.eval(exact, twin, *([] if fused is None else [fused]))
     return fused, twin, exact
 
 
@@ -64,6 +70,55 @@ def test_attention_parity(scheme, D, n_rep, L):
     assert not mx.isnan(fused).any()
     e_fused, e_twin = _rms(fused, exact), _rms(twin, exact)
     assert e_fused <= 2 * e_twin + 1e-6, (seed, e_fused, e_twin)
+
+
+def _frame(D, kind):
+    """RoPE over every channel (``full``), adjacent pairs (``traditional``) or half the
+    channels (``partial``), Llama 3's base."""
+    dims = D // 2 if kind == "partial" else D
+    return RopeFrame.standard(dims, 500000.0, traditional=kind == "traditional")
+
+
+CENTRED = ["turbo4c", "turbo3c", "turbo2c", "turbo4v2c", "turbo8v4c"]
+
+
+@pytest.mark.parametrize("L", [1, 4])
+@pytest.mark.parametrize("n_rep", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("scheme", CENTRED)
+def test_centred_attention_parity(scheme, D, n_rep, L):
+    """Centred caches (keys stored less their turned mean): the kernels add q . R_t mu.
+    The portable kernel keeps each row's Y = conj(q) mu e^{i t w} in shared memory beside
+    the query, so with many rows of large heads it declines (the pure-MLX path runs)."""
+    seed = SEED + hash((scheme, D, n_rep, L, "c")) % 100_000
+    kind = ("full", "traditional", "partial")[(D // 32 + n_rep + L) % 3]
+    dtype = mx.bfloat16 if (D + n_rep + L) % 2 else mx.float16
+    frame = _frame(D, kind)
+    parsed = parse_scheme(scheme)
+    covered = launch.attention_plan(
+        D, n_rep, L, parsed.key_bits, dtype, parsed.value_bits, BACKEND.SHARED_BYTES, True,
+        (frame.dims, frame.traditional)) is not None  # fmt: skip
+    fused, twin, exact = _case(scheme, D, n_rep, L, dtype, seed, frame=frame,
+                               mask="causal" if L > 1 else None, must_cover=covered)  # fmt: skip
+    if not covered:
+        assert fused is None
+        return
+    assert not mx.isnan(fused).any()
+    e_fused, e_twin = _rms(fused, exact), _rms(twin, exact)
+    assert e_fused <= 2 * e_twin + 1e-6, (seed, kind, e_fused, e_twin)
+    # fp16 tables and queries cost ~1% of the quantization error; a wrong phase, pair or
+    # mean would cost far more (the mean carries most of these keys).
+    assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin, (seed, kind)
+
+
+@pytest.mark.parametrize("kind", ["full", "traditional", "partial"])
+@pytest.mark.parametrize("scheme", ["turbo4c", "turbo3c"])
+def test_centred_portable_kernel_where_tensor_cores_apply(monkeypatch, scheme, kind):
+    monkeypatch.setenv(launch.TENSOR_CORES_ENV, "0")
+    seed = SEED + hash((scheme, kind, "cp")) % 100_000
+    fused, twin, exact = _case(scheme, 128, 4, 1, mx.bfloat16, seed, frame=_frame(128, kind))
+    assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6, (seed, kind)
+    assert _rms(fused, twin.astype(mx.float32)) < 0.05 * _rms(twin, exact), (seed, kind)
 
 
 @pytest.mark.parametrize("L", [1, 2])
@@ -112,19 +167,23 @@ def test_attention_masks_and_sinks(scheme, mask_kind, sinks):
 
 @pytest.mark.parametrize("L", [1, 4])  # 4 rows (tensor cores on CUDA) and 16
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("scheme", ["turbo4", "turbo2", "turbo0v4", "turbo8v3"])
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo2", "turbo0v4", "turbo8v3", "turbo4c"])
 def test_no_nan_with_large_norms(scheme, dtype, L):
     # fp16 keys near its range; bf16 far beyond fp16's (stored norms are clamped to 65504).
     scale = 2000.0 if dtype == mx.float16 else 1e6
-    fused, twin, _ = _case(scheme, 128, 4, L, dtype, SEED, mask="causal", scale=scale)
+    frame = _frame(128, "full") if scheme.endswith("c") else None
+    fused, twin, _ = _case(scheme, 128, 4, L, dtype, SEED, mask="causal", scale=scale,
+                           frame=frame)  # fmt: skip
     assert not mx.isnan(fused).any() and not mx.isnan(twin).any()
 
 
-@pytest.mark.parametrize("scheme", ["turbo4", "turbo3"])
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo4c"])
 def test_large_queries(scheme):
     # the tensor cores take the query as fp16: it goes in divided by its largest element
+    # (and a centred cache's conj(q) mu by its largest)
     seed = SEED + 17
-    fused, twin, exact = _case(scheme, 128, 4, 1, mx.bfloat16, seed, q_scale=3e4)
+    frame = _frame(128, "full") if scheme.endswith("c") else None
+    fused, twin, exact = _case(scheme, 128, 4, 1, mx.bfloat16, seed, q_scale=3e4, frame=frame)
     assert not mx.isnan(fused).any()
     assert _rms(fused, exact) <= 2 * _rms(twin, exact) + 1e-6, seed
 

@@ -16,6 +16,7 @@ more of the mean.
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import mlx.core as mx
@@ -45,6 +46,23 @@ class RopeFrame:
         scale = -1.0 if inverse else 1.0
         return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=scale,
                             offset=offset, freqs=self.freqs)  # fmt: skip
+
+    @classmethod
+    def standard(cls, dims: int, base: float = 10000.0, traditional: bool = False):
+        """The frame of ``nn.RoPE(dims, traditional, base)`` (no scaling), for caches built
+        without a model (benchmarks, tests); a model's own comes from :func:`probe_rope`."""
+        if not (isinstance(dims, int) and dims >= 2 and dims % 2 == 0) or not base > 1:
+            raise ValueError(f"a RoPE frame needs an even dims >= 2 and a base > 1, got "
+                             f"dims={dims!r}, base={base!r}")  # fmt: skip
+        freqs = np.power(float(base), np.arange(0, dims, 2, dtype=np.float64) / dims)
+        return cls(dims, bool(traditional), mx.array(freqs.astype(np.float32)))
+
+    @cached_property
+    def omega(self) -> mx.array:
+        """``[dims / 2]`` float32 radians per position of each pair, ``1 / freqs`` as
+        ``mx.fast.rope`` takes it (0 for a pair that does not turn): the fused kernels'
+        copy of the rotation."""
+        return mx.array(1.0 / np.array(self.freqs, np.float32))
 
     def check_fits(self, k_dim: int):
         """Keys of ``k_dim`` channels must hold the ``dims`` channels the frame turns."""

@@ -28,6 +28,15 @@ HEADER = r"""
 __device__ __forceinline__ float tq_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ float tq_exp(float x) { return expf(x); }
 __device__ __forceinline__ float tq_sqrt(float x) { return sqrtf(x); }
+// sin and cos of x radians (any size): reduced to [-pi, pi] by two fused steps, where the
+// hardware approximation is good to ~1e-6 (sinf's own reduction for large arguments would
+// keep a local array on the stack of every kernel that calls it).
+__device__ __forceinline__ float tq_wrap(float x) {
+  const float k = rintf(x * 0.15915494f);
+  return fmaf(-k, -1.7484555e-07f, fmaf(-k, 6.2831855f, x));
+}
+__device__ __forceinline__ float tq_sin(float x) { return __sinf(tq_wrap(x)); }
+__device__ __forceinline__ float tq_cos(float x) { return __cosf(tq_wrap(x)); }
 __device__ __forceinline__ float tq_as_float(int bits) { return __int_as_float(bits); }
 __device__ __forceinline__ float tq_half_bits(uint32_t h) {
   return __half2float(__ushort_as_half((unsigned short)h));

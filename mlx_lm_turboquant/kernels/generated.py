@@ -131,9 +131,16 @@ _MASK_MODES = {None: (0, (False,) * 3), "causal": (1, (False,) * 3),
                "array": (2, (False, True, True))}  # fmt: skip
 
 
+def _centring_inputs(plan):
+    """(dtype, size) of kmean and omega: a centred cache's key means and RoPE speeds."""
+    if not plan.CENTRED:
+        return ((mx.float32, 1), (mx.float32, 1))
+    return ((mx.float32, 2 * plan.D), (mx.float32, plan.RDIMS // 2))
+
+
 def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mask, sinks,
-                       packed=False):  # fmt: skip
-    plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_bits, shared, packed)
+                       packed=False, rope=None):  # fmt: skip
+    plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_bits, shared, packed, rope)
     if plan is None:
         return []
     q_dtype = key_dtype if plan.Q_SH else mx.float32
@@ -147,7 +154,7 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
         ((q_dtype, R * D), (mx.float32, D * D if kb < 16 else 1), *_token_inputs(plan),
          (mx.float32, kcent),
          (mx.float32, 1 << value_bits), (mx.float32, 4096 * R if mode == 2 else 1),
-         (mx.int32, 1), (mx.int32, 4)),
+         (mx.int32, 1), (mx.int32, 4), *_centring_inputs(plan)),
         (mx.float32, mx.float32),
     )  # fmt: skip
     red = KernelConfig(
@@ -161,8 +168,8 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
 
 
 def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=False,
-                        sinks=False, q_dtype=mx.float16):  # fmt: skip
-    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared, packed)
+                        sinks=False, q_dtype=mx.float16, rope=None):  # fmt: skip
+    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared, packed, rope)
     if plan is None:
         return []
     R = plan.R
@@ -173,7 +180,8 @@ def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=
         ((q_dtype, R * D), (mx.float32, D), *_token_inputs(plan),  # rot, rot_t: signs
          (mx.float32, 1 << key_bits), (mx.float32, 1 << value_bits),
          (mx.float32, 4096 * R if mode == 2 else 1), (mx.int32, 1), (mx.int32, 4),
-         (mx.float32, 32 if sinks else 1), (mx.float32, D), (mx.uint32, 8),
+         *_centring_inputs(plan), (mx.float32, 32 if sinks else 1), (mx.float32, D),
+         (mx.uint32, 8),
          (q_dtype, 8 * R * D)),
         (mx.float32, mx.float32, q_dtype),
     )]  # fmt: skip
@@ -203,6 +211,14 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
         out += _attention_configs(D, n_rep, L, kb, key_dtype, vb, shared, mask, sinks)
     for D, n_rep, L, kb, vb, mask, sinks in packed:
         out += _attention_configs(D, n_rep, L, kb, mx.float16, vb, shared, mask, sinks, True)
+    # Centred caches (c schemes): RoPE over all channels in either layout, and partial RoPE.
+    centred = [(128, 4, 1, 4, 4, None, False, (128, False)),
+               (64, 8, 4, 3, 3, "causal", True, (64, True)),
+               (128, 1, 4, 4, 2, "array", False, (64, False)),
+               (96, 4, 1, 4, 4, None, False, (96, True))]  # fmt: skip
+    for D, n_rep, L, kb, vb, mask, sinks, rope in centred:
+        out += _attention_configs(D, n_rep, L, kb, mx.float16, vb, shared, mask, sinks, True,
+                                  rope)  # fmt: skip
     for D in (64, 96, 128, 256):
         for kb, vb in ((2, 2), (3, 3), (4, 4), (8, 4), (4, 2), (2, 3)):
             dtype = mx.bfloat16 if kb % 2 else mx.float16
@@ -228,6 +244,11 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
             for packed in (False, True):
                 out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask, packed, sinks,
                                            q_dtype)  # fmt: skip
+        for D, n_rep, L, kb, vb, rope in ((128, 4, 1, 4, 4, (128, False)),
+                                          (64, 8, 1, 3, 3, (64, True)),
+                                          (128, 2, 4, 4, 3, (64, False))):  # fmt: skip
+            out += _tensor_core_config(D, n_rep, L, kb, vb, shared, "causal", True, False,
+                                       mx.bfloat16, rope)  # fmt: skip
     assert backend == "cuda" or not any(c.op in CUDA_ONLY for c in out)
     seen, unique = set(), []
     for c in out:

@@ -74,6 +74,9 @@ class AttentionPlan(_KernelPlan):
     RW: int
     Q_SH: bool
     PACKED: bool  # one row per token (see cache.TurboQuantKVCache.packed)
+    CENTRED: bool = False  # keys stored less R_t mu (see source._CENTRE_PAIRS)
+    RDIMS: int = 0  # channels RoPE turns (centred caches)
+    RTRAD: bool = False  # RoPE's layout: adjacent channel pairs
     max_splits = None  # the separate reduce merges any number of spans
 
     def _extra_template(self):
@@ -84,12 +87,28 @@ THREADS = 128  # four warps per block
 VALUE_REGISTERS = 64  # value accumulators per lane (rows x coordinates) at most
 
 
+def _rope_fields(rope, D, multiple):
+    """``(CENTRED, RDIMS, RTRAD)`` for ``rope`` = ``(dims, traditional)`` of a centred cache
+    (None: not centred), or None where the kernel cannot take it (``dims`` not a multiple
+    of ``multiple``, or more than D)."""
+    if rope is None:
+        return False, 0, False
+    dims, traditional = rope
+    if dims % multiple or not 0 < dims <= D:
+        return None
+    return True, dims, bool(traditional)
+
+
 @lru_cache(maxsize=None)
 def attention_plan(
-    D, n_rep, L, key_bits, key_dtype, value_bits, shared_bytes, packed=False
+    D, n_rep, L, key_bits, key_dtype, value_bits, shared_bytes, packed=False, rope=None
 ) -> Optional[AttentionPlan]:
-    """The kernel configuration for these shapes, or None where the kernels do not apply."""
+    """The kernel configuration for these shapes, or None where the kernels do not apply.
+    ``rope``: ``(dims, traditional)`` of a centred cache's RoPE frame, else None."""
     R = n_rep * L
+    centring = _rope_fields(rope, D, 2)
+    if centring is None:
+        return None
     if D % 32 or not 32 <= D <= 512 or L > MAX_QUERIES or R > MAX_ROWS:
         return None
     if key_bits == 0 and (packed or key_dtype not in (mx.float16, mx.bfloat16)):
@@ -109,6 +128,9 @@ def attention_plan(
     q_sh = D * R * 4 <= shared_bytes // 3
     if vsplit and not q_sh:  # the warps sum their outputs in the query's shared space
         return None
+    if centring[0] and not q_sh:  # the block needs the query in the model's basis
+        return None
+    n_pairs = centring[1] // 2
     nkc = 1 << min(kbits, 8) if kbits < 16 else 1
     tables = nkc * (32 if nkc <= 16 else 1) + (1 << value_bits) * 32
     for tile in (128, 64, 32):
@@ -116,11 +138,12 @@ def attention_plan(
         if tile > 32 and tile * (WK + WV) > PREFETCH_WORDS * NT:
             continue
         words = tile * ((WK | 1) + WV) + 1
-        floats = (D * R if q_sh else 4) + R * tile + tables + 3 * R
+        floats = (D * R if q_sh else 4) + R * tile + tables + 4 * R
+        floats += 2 * n_pairs * (R + 9 + tile // 8)  # centring: Y, turn, tables
         if 4 * (words + floats) <= shared_bytes:
             return AttentionPlan(
                 D, R, L, n_rep, NT, tile, kbits, key_dtype == mx.bfloat16,
-                WK, value_bits, WV, vsplit, rw, q_sh, packed,
+                WK, value_bits, WV, vsplit, rw, q_sh, packed, *centring,
             )  # fmt: skip
     return None
 
@@ -144,6 +167,9 @@ class TensorCorePlan(_KernelPlan):
     WV: int
     SAME_TABLE: bool
     PACKED: bool
+    CENTRED: bool = False
+    RDIMS: int = 0
+    RTRAD: bool = False
     TILE = TC_TILE
     Q_SH = True
 
@@ -164,21 +190,30 @@ class TensorCorePlan(_KernelPlan):
 
 @lru_cache(maxsize=None)
 def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes,
-                     packed=False):  # fmt: skip
+                     packed=False, rope=None):  # fmt: skip
     """The tensor-core kernel's configuration, or None where it does not apply (the portable
     kernel then runs): head dims 64 or 128, up to 8 query rows per KV head, 2- to 4-bit
     codes for keys and values (8-bit and float keys need more precision than fp16 inputs to
-    the tensor cores keep; prod and split formats never reach the kernels)."""
+    the tensor cores keep; prod and split formats never reach the kernels); a centred
+    cache's RoPE must turn a multiple of 16 channels (whole k-chunks of pairs)."""
     R = n_rep * L
+    centring = _rope_fields(rope, D, 16)
+    if centring is None:
+        return None
     if D not in (64, 128) or R > 8 or L > MAX_QUERIES:
         return None
     if not (2 <= key_bits <= 4 and 2 <= value_bits <= 4):
         return None
     same = bool(same_table) and key_bits == value_bits
     plan = TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
-                          D * key_bits // 32, D * value_bits // 32, same, packed)  # fmt: skip
-    # Shared memory: the table space, the query (q_sh) and its rows' maxima (qmax_sh).
-    return plan if 4 * (plan.table_words + D * R + R) <= shared_bytes else None
+                          D * key_bits // 32, D * value_bits // 32, same, packed,
+                          *centring)  # fmt: skip
+    # Shared memory: the table space, the query (q_sh), its rows' maxima (qmax_sh), and for
+    # centring the B fragments (ctab_sh), the per-step turns (dstep_sh), zmax_sh and c0_sh.
+    words = plan.table_words + D * R + 3 * R
+    if centring[0]:
+        words += 2 * (centring[1] // 16) * 64 + centring[1]
+    return plan if 4 * words <= shared_bytes else None
 
 
 def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None,
@@ -328,7 +363,7 @@ class _Launch(NamedTuple):
 
 
 def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, tensor_cores,
-          packed):  # fmt: skip
+          packed, rope=None):  # fmt: skip
     """(op, plan): the tensor-core kernel where it applies and the backend has it, else the
     portable one; (None, None) where neither covers the shapes."""
     # The tensor-core kernel rotates by Walsh-Hadamard transforms from the rotations' signs.
@@ -337,27 +372,27 @@ def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, 
             and kernel("attention_tc") is not None:  # fmt: skip
         same = key_codec.codebook is value_codec.codebook
         plan = tensor_core_plan(D, n_rep, L, key_codec.bits, value_codec.bits, same,
-                                shared_bytes, packed)  # fmt: skip
+                                shared_bytes, packed, rope)  # fmt: skip
         if plan is not None:
             return "attention_tc", plan
     if kernel("attention") is None:
         return None, None
     key_bits = 0 if key_codec is None else key_codec.bits
     plan = attention_plan(D, n_rep, L, key_bits, key_dtype, value_codec.bits, shared_bytes,
-                          packed)  # fmt: skip
+                          packed, rope)  # fmt: skip
     return ("attention", plan) if plan is not None else (None, None)
 
 
 @lru_cache(maxsize=4096)  # a few entries per layer: decode looks its layer up every step
 def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads, B, n_q_heads,
             L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled, tensor_cores,
-            packed):  # fmt: skip
+            packed, rope=None):  # fmt: skip
     _count_build()
     if kernel("reduce") is None or n_q_heads % n_kv_heads:
         return None
     n_rep = n_q_heads // n_kv_heads
     op, plan = _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D,
-                     tensor_cores, packed)  # fmt: skip
+                     tensor_cores, packed, rope)  # fmt: skip
     if plan is None:
         return None
     BH = B * n_kv_heads
@@ -399,12 +434,16 @@ def decode_attention(
     packed = getattr(cache, "packed", None)
     stored = cache.values if packed is None else packed
     n_kv_heads, cap = stored.shape[1:3]
+    frame = getattr(cache, "rope_frame", None)  # set for centred caches only
+    if frame is not None and cache.key_mean is None:
+        return None  # nothing stored yet: no mean to add back
     setup = _launch(
         kernel, shared_bytes, cache.key_codec, cache.value_codec,
         mx.uint32 if packed is not None else cache.keys.dtype,
         n_kv_heads, B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
         sinks is not None, compiled and mask_arr is None,
         tensor_cores_enabled() if tensor_cores is None else tensor_cores, packed is not None,
+        None if frame is None else (frame.dims, frame.traditional),
     )  # fmt: skip
     if setup is None:
         return None
@@ -423,11 +462,14 @@ def decode_attention(
         key_norms = cache.value_norms if setup.float_keys else cache.key_norms
         values, value_norms = cache.values, cache.value_norms
     chain = None if setup.max_splits is None else _chain(cache, setup.n_blocks)
+    kmean = omega = _dummy()
+    if frame is not None:  # [B, H_kv, 1, D] -> rows of D; a view, never a copy
+        kmean, omega = cache.key_mean.reshape(-1, cache.key_mean.shape[-1]), frame.omega
     # The full-capacity buffers go in as they are (row-contiguous, so never copied).
     out = setup.graph(
         q, setup.rot, keys, key_norms, values, value_norms, setup.kcent,
         setup.vcent, _dummy() if mask_arr is None else mask_arr, device_tokens(cache), meta,
-        _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t,
+        kmean, omega, _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t,
         _dummy(mx.uint32) if chain is None else chain.counter,
         _dummy() if chain is None or chain.last is None else chain.last, n_splits,
     )  # fmt: skip
@@ -448,9 +490,10 @@ def _attention_graph(kernel, op, plan, template, out_shape, has_sinks, out_dtype
                        ("HAS_SINKS", has_sinks), ("OutT", out_dtype)]  # fmt: skip
     fused = op == "attention_tc"
 
-    def run(q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta, sinks,
-            rot_t, counter, after, n_splits):  # fmt: skip
-        inputs = [q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta]
+    def run(q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta, kmean,
+            omega, sinks, rot_t, counter, after, n_splits):  # fmt: skip
+        inputs = [q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta,
+                  kmean, omega]  # fmt: skip
         partials = [(BH, n_splits, R, D), (BH, n_splits, R, 2)]
         if fused:
             _, _, out = attn(

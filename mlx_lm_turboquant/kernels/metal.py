@@ -31,6 +31,13 @@ using namespace metal;
 inline float tq_max(float a, float b) { return metal::max(a, b); }
 inline float tq_exp(float x) { return metal::exp(x); }
 inline float tq_sqrt(float x) { return metal::sqrt(x); }
+// sin and cos of x radians (any size), reduced to [-pi, pi] first (as on CUDA).
+inline float tq_wrap(float x) {
+  const float k = metal::rint(x * 0.15915494f);
+  return metal::fma(-k, -1.7484555e-07f, metal::fma(-k, 6.2831855f, x));
+}
+inline float tq_sin(float x) { return metal::precise::sin(tq_wrap(x)); }
+inline float tq_cos(float x) { return metal::precise::cos(tq_wrap(x)); }
 inline float tq_as_float(int bits) { return as_type<float>(bits); }
 inline float tq_half_bits(uint32_t h) { return static_cast<float>(as_type<half>(ushort(h))); }
 inline uint32_t tq_half_word(float x) { return uint32_t(as_type<ushort>(half(x))); }

@@ -14,8 +14,9 @@ which makes each group of 32 coordinates start on a word boundary.
 """
 
 # Inside a block that has the query's shared array q_sh [D][R]: load the query (scaled when
-# PREP_Q), then rotate it in place into the keys' basis by the dense matrix rot (ROTATE_Q).
-# Shared by both attention kernels; the includer defines PREP_Q and ROTATE_Q.
+# PREP_Q), run the includer's code on the query in the model's basis (`{after_load}`), then
+# rotate it in place into the keys' basis by the dense matrix rot (ROTATE_Q). Shared by both
+# attention kernels; the includer defines PREP_Q and ROTATE_Q.
 _PREPARE_QUERY = r"""
     // q is [B * H_kv, R, D]: raw queries (PREP_Q) or already scaled and rotated float32.
     const float scale = PREP_Q ? tq_as_float(SCALE_BITS) : 1.0f;
@@ -23,6 +24,7 @@ _PREPARE_QUERY = r"""
       const int r = i / D;
       q_sh[(i - r * D) * R + r] = static_cast<float>(q[(int64_t)bh * R * D + i]) * scale;
     }
+{after_load}
     if (ROTATE_Q) {
       // Rotate in place: one rotation column per thread, all rows at once, so each matrix
       // element is loaded once per block and the loads are independent (no latency chain).
@@ -52,6 +54,11 @@ _PREPARE_QUERY = r"""
       }
     }
 """
+
+
+def _prepare_query(after_load: str = "") -> str:
+    return _PREPARE_QUERY.replace("{after_load}", after_load)
+
 
 # Which tokens a block of either attention kernel reads: its (batch, KV head) bh and its
 # span [t_begin, t_end) of the T tokens, from pos = [T] and meta = [capacity, span,
@@ -119,6 +126,62 @@ _WARP_WALSH_HADAMARD = r"""
 """
 
 
+# A centred cache (CENTRED; codec/centring.py) stores k_t - R_t mu: each score gets
+# q . R_t mu back. Per RoPE pair j (channels ca, cb; RDIMS channels turn, NP = RDIMS / 2
+# pairs) that is Re(Z_j e^{i t w_j}) with Z_j = conj(q_j) mu_j, plus the constant
+# q . mu over the channels that do not turn (c0). kmean is [B * H_kv, D] (mu per KV head),
+# omega [NP] (w_j, radians per position). Both kernels write t = t0 + u for a step t0 of
+# the tokens: Y_j = Z_j e^{i t0 w_j} once per step and row, then a table of e^{i u w_j}.
+_CENTRE_PAIRS = r"""
+        const int ca = RTRAD ? 2 * j : j;
+        const int cb = RTRAD ? 2 * j + 1 : j + NP;
+        const float qa = q_sh[(ca * R + r) % QSZ], qb = q_sh[(cb * R + r) % QSZ];
+        const float ma = kmean[(int64_t)bh * D + ca], mb = kmean[(int64_t)bh * D + cb];
+        const float zr = qa * ma + qb * mb;
+        const float zi = qa * mb - qb * ma;
+"""
+
+# The portable kernel's centring set-up, on the query in the model's basis: Y = Z e^{i t w}
+# [pair][row] at the span's first token, c0 [row], the turn of Y from one tile to the next,
+# and the tables e^{i u w} for u = 8 a + f as a coarse [pair][a] and a fine [pair][f]
+# factor (TILE x NP entries would not fit in shared memory).
+_CENTRE_PORTABLE = r"""
+    if (CENTRED) {
+      TQ_BARRIER();
+      for (int i = tq_tid; i < NP * R; i += NT) {
+        const int j = i / R;
+        const int r = i - j * R;""" + _CENTRE_PAIRS + r"""
+        const float a = (float)t_begin * omega[j];
+        const float cs = tq_cos(a), sn = tq_sin(a);
+        yc_sh[2 * i] = zr * cs - zi * sn;
+        yc_sh[2 * i + 1] = zr * sn + zi * cs;
+      }
+      for (int j = tq_tid; j < NP; j += NT) {
+        const float a = (float)TILE * omega[j];
+        dstep_sh[2 * j] = tq_cos(a);
+        dstep_sh[2 * j + 1] = tq_sin(a);
+      }
+      for (int r = tq_tid; r < R; r += NT) {
+        float c0 = 0.0f;
+        for (int d = RDIMS; d < D; ++d) {
+          c0 += q_sh[(d * R + r) % QSZ] * kmean[(int64_t)bh * D + d];
+        }
+        c0_sh[r] = c0;
+      }
+      for (int i = tq_tid; i < NP * 8; i += NT) {
+        const float a = (float)(i & 7) * omega[i >> 3];
+        wf_sh[2 * i] = tq_cos(a);
+        wf_sh[2 * i + 1] = tq_sin(a);
+      }
+      for (int i = tq_tid; i < NP * NCT; i += NT) {
+        const int j = i / NCT;
+        const float a = (float)(8 * (i - j * NCT)) * omega[j];
+        wc_sh[2 * i] = tq_cos(a);
+        wc_sh[2 * i + 1] = tq_sin(a);
+      }
+    }
+"""
+
 # Decode attention, pass 1 (flash-decoding). One block per (batch * KV head, token span):
 # the R = n_rep * L query rows of that KV head share each read of its packed keys and
 # values (GQA). Tiles of TILE tokens are staged in shared memory with coalesced loads;
@@ -137,7 +200,8 @@ _WARP_WALSH_HADAMARD = r"""
 # VSPLIT, RW (rows per warp in the value phase), Q_SH (query in shared memory), PREP_Q (the
 # block scales and rotates the raw query itself, saving the launches of a separate pass;
 # needs Q_SH), SCALE_BITS (the float32 bits of the scale), QT (the query dtype), MASK_MODE
-# (0 none, 1 causal, 2 additive array [MB?B:1, MH?H_q:1, ML?L:1, T]).
+# (0 none, 1 causal, 2 additive array [MB?B:1, MH?H_q:1, ML?L:1, T]), CENTRED, RDIMS and
+# RTRAD (the RoPE layout: adjacent pairs) for a centred cache (needs Q_SH).
 # pos = [T] (kept on the device between steps); meta = [capacity, span, n_splits,
 # n_kv_heads] (constant until the cache grows). rot is the key rotation's matrix [D, D]
 # (unused for float keys). Shared rows that are read four at a time (query, weights) are
@@ -167,12 +231,21 @@ ATTENTION = r"""
   TQ_SHARED float m_sh[R];
   TQ_SHARED float l_sh[R];
   TQ_SHARED float a_sh[R];
+  // Centring: this tile's Y [pair][row][re, im], the tile-to-tile turn [pair][re, im],
+  // tables [pair][a or f][cos, sin], c0.
+  constexpr int NP = CENTRED ? RDIMS / 2 : 1;
+  constexpr int NCT = TILE / 8;
+  TQ_SHARED float yc_sh[CENTRED ? 2 * NP * R : 1];
+  TQ_SHARED float dstep_sh[CENTRED ? 2 * NP : 1];
+  TQ_SHARED float wf_sh[CENTRED ? 2 * NP * 8 : 1];
+  TQ_SHARED float wc_sh[CENTRED ? 2 * NP * NCT : 1];
+  TQ_SHARED float c0_sh[R];
 
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
 """ + _BLOCK_SPAN + r"""
   if (Q_SH) {
-    constexpr bool ROTATE_Q = PREP_Q && KBITS < 16;""" + _PREPARE_QUERY + r"""  }
+    constexpr bool ROTATE_Q = PREP_Q && KBITS < 16;""" + _prepare_query(_CENTRE_PORTABLE) + r"""  }
   for (int i = tq_tid; i < NKC * KREP; i += NT) {
     kc_sh[i] = kcent[i / KREP];
   }
@@ -242,6 +315,15 @@ ATTENTION = r"""
         pv[u] = i < n1 * WV ? """ + _value_word("tok0 + t1", "i") + r""" : 0u;
       }
     }
+    if (CENTRED && t0 != t_begin) {  // Y turns to this tile's first token
+      for (int i = tq_tid; i < NP * R; i += NT) {
+        const int j = i / R;
+        const float dr = dstep_sh[2 * j], di = dstep_sh[2 * j + 1];
+        const float yr = yc_sh[2 * i], yi = yc_sh[2 * i + 1];
+        yc_sh[2 * i] = yr * dr - yi * di;
+        yc_sh[2 * i + 1] = yr * di + yi * dr;
+      }
+    }
     TQ_BARRIER();
 
     // Scores, one thread per token: the query is already scaled and rotated, so each
@@ -251,8 +333,10 @@ ATTENTION = r"""
       const int t = t0 + tt;
       const int krep = KREP > 1 ? lane : 0;
       float s[R];
+      float sc[R];  // q . R_t mu (centred caches)
       TQ_UNROLL for (int r = 0; r < R; ++r) {
         s[r] = 0.0f;
+        sc[r] = CENTRED ? c0_sh[r] : 0.0f;
       }
       if (tt < n) {
         // Not unrolled over chunks: 32 * R unrolled FMAs per chunk keep compile time low.
@@ -293,10 +377,23 @@ ATTENTION = r"""
             }
           }
         }
+        if (CENTRED) {  // sum_j Re(Y_j e^{i tt w_j}), e^{i tt w} = coarse x fine factor
+          const int a = tt >> 3;
+          const int f = tt & 7;
+          for (int j = 0; j < NP; ++j) {
+            const float fr = wf_sh[(j * 8 + f) * 2], fi = wf_sh[(j * 8 + f) * 2 + 1];
+            const float cr = wc_sh[(j * NCT + a) * 2], ci = wc_sh[(j * NCT + a) * 2 + 1];
+            const float er = cr * fr - ci * fi;
+            const float ei = cr * fi + ci * fr;
+            TQ_UNROLL for (int r = 0; r < R; ++r) {
+              sc[r] += yc_sh[(j * R + r) * 2] * er - yc_sh[(j * R + r) * 2 + 1] * ei;
+            }
+          }
+        }
       }
       const float kn = (KBITS < 16 && tt < n) ? """ + _key_norm("tok0 + t") + r""" : 1.0f;
       TQ_UNROLL for (int r = 0; r < R; ++r) {
-        float v = s[r] * kn;
+        float v = s[r] * kn + sc[r];
         if (MASK_MODE == 1 && t > T - L + r % L) {
           v = NEG;
         }
@@ -437,9 +534,14 @@ ATTENTION = r"""
 #   two), so rot and rot_t are their sign vectors [D] and the block rotates by fast
 #   Walsh-Hadamard transforms, a warp per row (reading a dense [D, D] matrix per block
 #   cost ~3 us at the start and ~2 us in the merge's tail on the H100).
+# * Centred caches (CENTRED, see _CENTRE_PAIRS): a second mma per k-chunk of RoPE pairs
+#   scores A = Y / max|Z| of row g (pair 8 kk + c in columns 2c, 2c + 1 as (Re, -Im), pair
+#   8 kk + 4 + c in 2c + 8, 2c + 9) against B = the fixed table (cos, sin)(u w) of the
+#   step's token u = 8 h + g; each thread keeps row g's Y of its 16 pairs in float32 and
+#   turns it by e^{i 16 NWARPS w} per step (the warp's next tokens).
 # Templates: D (64 or 128), R (<= 8 rows), L, NREP, KBITS / VBITS (2..4), WK / WV, SAME_TABLE,
 # SCALE_BITS, QT (the query's and the output's dtype), MASK_MODE, MB, MH, ML, NT (128),
-# HAS_SINKS.
+# HAS_SINKS, CENTRED, RDIMS (a multiple of 16), RTRAD.
 ATTENTION_TC = r"""
   constexpr int NWARPS = NT / 32;
   constexpr int KC = D / 16;                 // k-chunks of the scores = m-tiles of the values
@@ -458,6 +560,14 @@ ATTENTION_TC = r"""
   TQ_SHARED TQ_ALIGN16 uint32_t big_sh[BIG];  // pair tables; the warps' results at the end
   TQ_SHARED float q_sh[D * R];                // [D][R]
   TQ_SHARED float qmax_sh[R];                 // max |q| of each row
+  // Centring: NP pairs in KCC k-chunks; B fragments [h][kk][g][c][2] as half2 (cos, sin);
+  // the per-step turn e^{i 16 NWARPS w} [pair][re, im]; max |Z| and c0 of each row.
+  constexpr int NP = CENTRED ? RDIMS / 2 : 8;
+  constexpr int KCC = NP / 8;
+  TQ_SHARED uint32_t ctab_sh[CENTRED ? 2 * KCC * 64 : 2];
+  TQ_SHARED float dstep_sh[CENTRED ? 2 * NP : 2];
+  TQ_SHARED float zmax_sh[R];
+  TQ_SHARED float c0_sh[R];
   TQ_SHARED_PTR(uint32_t) ktab = big_sh;
   TQ_SHARED_PTR(uint32_t) vtab = big_sh + (SAME_TABLE ? 0 : KTAB * 32);
 
@@ -510,7 +620,40 @@ ATTENTION_TC = r"""
   const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
   {
     constexpr bool PREP_Q = true;
-    constexpr bool ROTATE_Q = false;""" + _PREPARE_QUERY + r"""
+    constexpr bool ROTATE_Q = false;
+    constexpr int QSZ = D * R;""" + _prepare_query() + r"""
+    if (CENTRED) {  // Z of each row into big_sh [R][NP][re, im] (the tables come later)
+      TQ_BARRIER();
+      TQ_SHARED_PTR(float) z_sh = (TQ_SHARED_PTR(float))big_sh;
+      for (int r = warp; r < R; r += NWARPS) {  // a warp per row
+        float m = 0.0f;
+        float c0 = 0.0f;
+        for (int j = lane; j < NP; j += 32) {""" + _CENTRE_PAIRS + r"""
+          z_sh[(r * NP + j) * 2] = zr;
+          z_sh[(r * NP + j) * 2 + 1] = zi;
+          m = tq_max(m, tq_max(zr < 0.0f ? -zr : zr, zi < 0.0f ? -zi : zi));
+        }
+        for (int d = RDIMS + lane; d < D; d += 32) {
+          c0 += q_sh[d * R + r] * kmean[(int64_t)bh * D + d];
+        }
+        m = tq_warp_max(m);
+        c0 = tq_warp_sum(c0);
+        if (lane == 0) {
+          zmax_sh[r] = m;
+          c0_sh[r] = c0;
+        }
+      }
+      for (int i = tq_tid; i < 2 * KCC * 64; i += NT) {  // i = (((h KCC + kk) 8 + g) 4 + c) 2 + w
+        const int j = 8 * ((i >> 6) % KCC) + 4 * (i & 1) + ((i >> 1) & 3);
+        const float a = (float)(8 * ((i >> 6) / KCC) + ((i >> 3) & 7)) * omega[j];
+        ctab_sh[i] = tq_pack_half2(tq_cos(a), tq_sin(a));
+      }
+      for (int j = tq_tid; j < NP; j += NT) {
+        const float a = (float)(16 * NWARPS) * omega[j];
+        dstep_sh[2 * j] = tq_cos(a);
+        dstep_sh[2 * j + 1] = tq_sin(a);
+      }
+    }
     TQ_BARRIER();
     for (int r = warp; r < R; r += NWARPS) {  // a warp per row
       float v[EPL];
@@ -528,6 +671,29 @@ ATTENTION_TC = r"""
         qmax_sh[r] = m;
       }
     }
+  }
+  // Row g's Y / max|Z| at this warp's first step, for pairs 8 kk + 4 w + c.
+  float yc[KCC][2][2];
+  float z_max = 0.0f;
+  float c0_row = 0.0f;
+  if (CENTRED) {
+    TQ_SHARED_PTR(float) z_sh = (TQ_SHARED_PTR(float))big_sh;
+    z_max = g < R ? zmax_sh[g] : 0.0f;
+    c0_row = g < R ? c0_sh[g] : 0.0f;
+    const float z_inv = z_max > 0.0f ? 1.0f / z_max : 0.0f;
+    const float t_first = (float)(t_begin + 16 * warp);
+    TQ_UNROLL for (int kk = 0; kk < KCC; ++kk) {
+      TQ_UNROLL for (int w = 0; w < 2; ++w) {
+        const int j = 8 * kk + 4 * w + c;
+        const float zr = g < R ? z_sh[(g * NP + j) * 2] * z_inv : 0.0f;
+        const float zi = g < R ? z_sh[(g * NP + j) * 2 + 1] * z_inv : 0.0f;
+        const float a = t_first * omega[j];
+        const float cs = tq_cos(a), sn = tq_sin(a);
+        yc[kk][w][0] = zr * cs - zi * sn;
+        yc[kk][w][1] = zr * sn + zi * cs;
+      }
+    }
+    TQ_BARRIER();  // every Z is read before the tables overwrite big_sh
   }
   // The tables, four copies of an entry per store.
   for (int i = tq_tid; i < KTAB * 8; i += NT) {
@@ -610,12 +776,41 @@ ATTENTION_TC = r"""
       }
     }
 
+    // Centring: sc = Y (Re, -Im) . (cos, sin)(u w), in the scores' layout; then Y turns
+    // to the warp's next step.
+    float sc[2][4];
+    TQ_UNROLL for (int h = 0; h < 2; ++h) {
+      TQ_UNROLL for (int j = 0; j < 4; ++j) {
+        sc[h][j] = 0.0f;
+      }
+    }
+    if (CENTRED) {
+      TQ_UNROLL for (int kk = 0; kk < KCC; ++kk) {  // a chunk's A fragment serves both halves
+        const uint32_t a0 = tq_pack_half2(yc[kk][0][0], -yc[kk][0][1]);
+        const uint32_t a2 = tq_pack_half2(yc[kk][1][0], -yc[kk][1][1]);
+        TQ_UNROLL for (int h = 0; h < 2; ++h) {
+          const int e = (((h * KCC + kk) * 8 + g) * 4 + c) * 2;
+          tq_mma_16816(sc[h], a0, 0u, a2, 0u, ctab_sh[e], ctab_sh[e + 1]);
+        }
+        TQ_UNROLL for (int w = 0; w < 2; ++w) {
+          const int j = 8 * kk + 4 * w + c;
+          const float dr = dstep_sh[2 * j], di = dstep_sh[2 * j + 1];
+          const float yr = yc[kk][w][0], yi = yc[kk][w][1];
+          yc[kk][w][0] = yr * dr - yi * di;
+          yc[kk][w][1] = yr * di + yi * dr;
+        }
+      }
+    }
+
     // Online softmax of row g over these 16 tokens (s[h][0..1]: tokens 8h + 2c + {0, 1}).
     float mx = -TQ_INF;
     TQ_UNROLL for (int j = 0; j < 4; ++j) {
       const int h = j >> 1;
       const int t = t0 + 8 * h + 2 * c + (j & 1);
       float v = s[h][j & 1] * (kn[j] * q_max);
+      if (CENTRED) {
+        v += sc[h][j & 1] * z_max + c0_row;
+      }
       if (MASK_MODE == 1 && t > T - L + r_mask % L) {
         v = NEG;
       }
@@ -991,7 +1186,7 @@ ENCODE = r"""
 
 ATTENTION_INPUTS = (
     "q", "rot", "keys", "key_norms", "values", "value_norms", "kcent", "vcent", "mask", "pos",
-    "meta",
+    "meta", "kmean", "omega",
 )  # fmt: skip
 ATTENTION_OUTPUTS = ("o_part", "ml_part")
 # The tensor-core kernel also merges the spans (REDUCE's work): it takes REDUCE's extra

@@ -75,6 +75,12 @@ static float tq_emu_lanes[1024];
 inline float tq_max(float a, float b) { return std::fmax(a, b); }
 inline float tq_exp(float x) { return std::exp(x); }
 inline float tq_sqrt(float x) { return std::sqrt(x); }
+inline float tq_wrap(float x) {
+  const float k = std::rint(x * 0.15915494f);
+  return std::fma(-k, -1.7484555e-07f, std::fma(-k, 6.2831855f, x));
+}
+inline float tq_sin(float x) { return std::sin(tq_wrap(x)); }
+inline float tq_cos(float x) { return std::cos(tq_wrap(x)); }
 inline float tq_as_float(int bits) {
   float f;
   std::memcpy(&f, &bits, 4);
