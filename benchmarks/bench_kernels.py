@@ -27,12 +27,21 @@ import mlx.nn as nn
 
 import mlx_lm_turboquant
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
+from mlx_lm_turboquant.codec.centring import RopeFrame
 from mlx_lm_turboquant.config import parse_scheme
 from mlx_lm_turboquant.kernels.launch import TENSOR_CORES_ENV
 
 H_Q, H_KV, D = 32, 8, 128
 SCHEMES = ("turbo4", "turbo3", "turbo2", "turbo4v2", "turbo0v4")
 L2_SPAN = 256 << 20  # rotate over copies until this many bytes, so reads come from HBM
+ROPE_BASE = 500000.0  # Llama 3's: the frame of centred (c) schemes
+
+
+def bench_cache(scheme, layer_index=0):
+    """A cache of ``scheme`` for the benchmark's heads; a ``c`` scheme centres in the
+    RoPE frame of the Llama-3-shaped model."""
+    frame = RopeFrame.standard(D, ROPE_BASE) if parse_scheme(scheme).centre_keys else None
+    return TurboQuantKVCache(scheme, layer_index=layer_index, rope_frame=frame)
 
 
 def setup_arg_parser():
@@ -128,7 +137,7 @@ def kernel_bench(contexts, schemes, baselines=True):
                 # A cache per call of a sample: launches on one cache run one after another
                 # (the tensor-core kernel's merge counter), as the baselines' calls need not.
                 for _ in range(max(INNER, _n_copies(nbytes))):
-                    c = TurboQuantKVCache(scheme)
+                    c = bench_cache(scheme)
                     k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
                     v = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)
                     c.update_and_fetch(k, v)
@@ -188,7 +197,7 @@ def llama8b(quantized=True):
     args = llama.ModelArgs(
         model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
-        rope_theta=500000.0, head_dim=128, tie_word_embeddings=False,
+        rope_theta=ROPE_BASE, head_dim=128, tie_word_embeddings=False,
     )  # fmt: skip
     model = llama.Model(args)
     model.set_dtype(mx.bfloat16)
@@ -202,7 +211,7 @@ def _fill(model, kind, T):
     from mlx_lm.models.cache import KVCache
 
     layers = len(model.layers)
-    cache = [KVCache() if kind == "fp16" else TurboQuantKVCache(kind, layer_index=i)
+    cache = [KVCache() if kind == "fp16" else bench_cache(kind, layer_index=i)
              for i in range(layers)]  # fmt: skip
     for c in cache:
         k = mx.random.normal((1, H_KV, T, D)).astype(mx.bfloat16)

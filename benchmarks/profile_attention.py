@@ -21,10 +21,11 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlx_lm_turboquant
-from mlx_lm_turboquant import TurboQuantKVCache, turboquant_sdpa
+from mlx_lm_turboquant import turboquant_sdpa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import kernel_durations  # noqa: E402  (a sibling script)
+from bench_kernels import bench_cache  # noqa: E402  (sibling scripts)
+from profile_step import kernel_durations  # noqa: E402
 
 
 def call_times(path):
@@ -76,7 +77,7 @@ def run(scheme, context, calls):
         for _ in range(calls):
             mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5))
         return
-    cache = TurboQuantKVCache(scheme)
+    cache = bench_cache(scheme)
     for start in range(0, context, 8192):  # in chunks: bounded temporary memory
         n = min(8192, context - start)
         k = mx.random.normal((1, 8, n, 128)).astype(mx.bfloat16)
