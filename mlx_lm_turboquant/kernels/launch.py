@@ -463,8 +463,8 @@ def decode_attention(
         values, value_norms = cache.values, cache.value_norms
     chain = None if setup.max_splits is None else _chain(cache, setup.n_blocks)
     kmean = omega = _dummy()
-    if frame is not None:  # [B, H_kv, 1, D] -> rows of D; a view, never a copy
-        kmean, omega = cache.key_mean.reshape(-1, cache.key_mean.shape[-1]), frame.omega
+    if frame is not None:  # [B, H_kv, 1, D]: read as B * H_kv rows of D, no reshape per call
+        kmean, omega = cache.key_mean, frame.omega
     # The full-capacity buffers go in as they are (row-contiguous, so never copied).
     out = setup.graph(
         q, setup.rot, keys, key_norms, values, value_norms, setup.kcent,

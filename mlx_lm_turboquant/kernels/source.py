@@ -141,6 +141,17 @@ _CENTRE_PAIRS = r"""
         const float zi = qa * mb - qb * ma;
 """
 
+def _turn_table(step: str) -> str:
+    """Fill dstep_sh [pair][re, im] with e^{i step w_j}: what turns Y from one step of the
+    tokens to the next (``step`` a C expression)."""
+    return r"""
+      for (int j = tq_tid; j < NP; j += NT) {
+        const float a = (float)(""" + step + r""") * omega[j];
+        dstep_sh[2 * j] = tq_cos(a);
+        dstep_sh[2 * j + 1] = tq_sin(a);
+      }"""
+
+
 # The portable kernel's centring set-up, on the query in the model's basis: Y = Z e^{i t w}
 # [pair][row] at the span's first token, c0 [row], the turn of Y from one tile to the next,
 # and the tables e^{i u w} for u = 8 a + f as a coarse [pair][a] and a fine [pair][f]
@@ -155,12 +166,7 @@ _CENTRE_PORTABLE = r"""
         const float cs = tq_cos(a), sn = tq_sin(a);
         yc_sh[2 * i] = zr * cs - zi * sn;
         yc_sh[2 * i + 1] = zr * sn + zi * cs;
-      }
-      for (int j = tq_tid; j < NP; j += NT) {
-        const float a = (float)TILE * omega[j];
-        dstep_sh[2 * j] = tq_cos(a);
-        dstep_sh[2 * j + 1] = tq_sin(a);
-      }
+      }""" + _turn_table("TILE") + r"""
       for (int r = tq_tid; r < R; r += NT) {
         float c0 = 0.0f;
         for (int d = RDIMS; d < D; ++d) {
@@ -647,12 +653,7 @@ ATTENTION_TC = r"""
         const int j = 8 * ((i >> 6) % KCC) + 4 * (i & 1) + ((i >> 1) & 3);
         const float a = (float)(8 * ((i >> 6) / KCC) + ((i >> 3) & 7)) * omega[j];
         ctab_sh[i] = tq_pack_half2(tq_cos(a), tq_sin(a));
-      }
-      for (int j = tq_tid; j < NP; j += NT) {
-        const float a = (float)(16 * NWARPS) * omega[j];
-        dstep_sh[2 * j] = tq_cos(a);
-        dstep_sh[2 * j + 1] = tq_sin(a);
-      }
+      }""" + _turn_table("16 * NWARPS") + r"""
     }
     TQ_BARRIER();
     for (int r = warp; r < R; r += NWARPS) {  // a warp per row
