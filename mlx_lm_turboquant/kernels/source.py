@@ -587,7 +587,10 @@ ATTENTION_TC = r"""
   const int vw0 = (g * VSPAN) >> 5, vsh = (g * VSPAN) & 31;
   // Codes of one step: keys of tokens t0 + g and t0 + 8 + g; values and norms of tokens
   // t0 + {2c, 2c + 1, 2c + 8, 2c + 9}. The next step's are loaded before this one is
-  // computed, so their memory latency overlaps the arithmetic.
+  // computed, so their memory latency overlaps the arithmetic. Token rows (PACKED) of the
+  // step PF steps ahead are also requested into L2 (no registers held), so more bytes are in
+  // flight than registers could hold and the register loads wait on L2, not on memory.
+  constexpr int PF = 4;
   uint32_t kw[2][NWK], kw_n[2][NWK];
   uint32_t vw[4][NWV], vw_n[4][NWV];
   float kn[4], kn_n[4], vn[4], vn_n[4];
@@ -617,19 +620,54 @@ ATTENTION_TC = r"""
       }
     }
   };
-  load(t_begin + 16 * warp, kw, vw, kn, vn);  // first: in flight while the block sets up
-
-  // The query, scaled and rotated into the keys' basis: rot holds the key rotation's signs
-  // s, and the rotation is q -> (q * s) H / sqrt(D) (a Sylvester Hadamard, see codec
-  // rotation.py): a transform in registers instead of a matrix read per block.
-  constexpr int EPL = D / 32;  // coordinates per lane of a row held by one warp
+  // Everything the set-up reads from memory is requested before anything waits on it: the
+  // query, the signs and the centroids first (they gate the set-up), then the first step's
+  // codes; so the block waits on one memory latency instead of one per stage.
+  // The query goes into the keys' basis as q -> (q * s) H / sqrt(D): rot holds the key
+  // rotation's signs s (a Sylvester Hadamard, see codec rotation.py), so a transform in
+  // registers replaces a matrix read per block.
+  constexpr int EPL = D / 32;                 // coordinates per lane of a row held by one warp
+  constexpr int QPT = (D * R + NT - 1) / NT;  // query elements per thread
+  constexpr int NKC = 1 << KBITS;
+  constexpr int NCENT = NKC + (SAME_TABLE ? 0 : 1 << VBITS);
+  TQ_SHARED float cent_sh[NCENT];
   const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
   {
-    constexpr bool PREP_Q = true;
-    constexpr bool ROTATE_Q = false;
-    constexpr int QSZ = D * R;""" + _prepare_query() + r"""
+    constexpr int QSZ = D * R;  // q_sh's size, as _CENTRE_PAIRS reads it
+    const float scale = tq_as_float(SCALE_BITS);
+    float q_in[QPT];
+    TQ_UNROLL for (int k = 0; k < QPT; ++k) {
+      const int i = tq_tid + k * NT;
+      q_in[k] = i < D * R ? static_cast<float>(q[(int64_t)bh * R * D + i]) * scale : 0.0f;
+    }
+    float q_sign[EPL];
+    TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+      q_sign[k] = rot[lane + 32 * k] * inv_sqrt_d;
+    }
+    static_assert(NCENT <= NT, "a thread per centroid");
+    const float cent = tq_tid < NKC ? kcent[tq_tid] : tq_tid < NCENT ? vcent[tq_tid - NKC] : 0.0f;
+    load(t_begin + 16 * warp, kw, vw, kn, vn);  // in flight while the block sets up
+    if (PACKED) {  // and the rows of the next PF - 1 steps into L2 (see PF)
+      const int t_lo = t_begin + 16 * NWARPS;
+      const int t_hi = t_begin + PF * 16 * NWARPS < t_end ? t_begin + PF * 16 * NWARPS : t_end;
+      const char* lo = reinterpret_cast<const char*>(keys + (tok0 + t_lo) * PROW);
+      const int n_lines = t_hi > t_lo ? ((t_hi - t_lo) * PROW * 4 + 127) / 128 : 0;
+      for (int i = tq_tid; i < n_lines; i += NT) {
+        tq_prefetch_l2(lo + 128 * i);
+      }
+    }
+    if (tq_tid < NCENT) {  // (a store waits for its value: only now, after every request)
+      cent_sh[tq_tid] = cent;
+    }
+    TQ_UNROLL for (int k = 0; k < QPT; ++k) {
+      const int i = tq_tid + k * NT;
+      if (i < D * R) {
+        const int r = i / D;
+        q_sh[(i - r * D) * R + r] = q_in[k];
+      }
+    }
+    TQ_BARRIER();
     if (CENTRED) {  // Z of each row into big_sh [R][NP][re, im] (the tables come later)
-      TQ_BARRIER();
       TQ_SHARED_PTR(float) z_sh = (TQ_SHARED_PTR(float))big_sh;
       for (int r = warp; r < R; r += NWARPS) {  // a warp per row
         float m = 0.0f;
@@ -654,13 +692,12 @@ ATTENTION_TC = r"""
         const float a = (float)(8 * ((i >> 6) / KCC) + ((i >> 3) & 7)) * omega[j];
         ctab_sh[i] = tq_pack_half2(tq_cos(a), tq_sin(a));
       }""" + _turn_table("16 * NWARPS") + r"""
+      TQ_BARRIER();  // every row's Z is taken before the transform overwrites q_sh
     }
-    TQ_BARRIER();
     for (int r = warp; r < R; r += NWARPS) {  // a warp per row
       float v[EPL];
       TQ_UNROLL for (int k = 0; k < EPL; ++k) {
-        const int d = lane + 32 * k;
-        v[k] = q_sh[d * R + r] * (rot[d] * inv_sqrt_d);
+        v[k] = q_sh[(lane + 32 * k) * R + r] * q_sign[k];
       }""" + _WARP_WALSH_HADAMARD + r"""
       float m = 0.0f;
       TQ_UNROLL for (int k = 0; k < EPL; ++k) {
@@ -696,14 +733,22 @@ ATTENTION_TC = r"""
     }
     TQ_BARRIER();  // every Z is read before the tables overwrite big_sh
   }
-  // The tables, four copies of an entry per store.
-  for (int i = tq_tid; i < KTAB * 8; i += NT) {
+  // The tables, four copies of an entry per store; unrolled, so the stores of a thread do not
+  // wait on one another's shared loads.
+  TQ_UNROLL for (int k = 0; k < (KTAB * 8 + NT - 1) / NT; ++k) {
+    const int i = tq_tid + k * NT;
     const int e = i >> 3;
-    tq_fill4(ktab + 4 * i, tq_pack_half2(kcent[e & ((1 << KBITS) - 1)], kcent[e >> KBITS]));
+    if (i < KTAB * 8) {
+      tq_fill4(ktab + 4 * i, tq_pack_half2(cent_sh[e & (NKC - 1)], cent_sh[e >> KBITS]));
+    }
   }
-  for (int i = tq_tid; i < VTAB * 8; i += NT) {
+  TQ_UNROLL for (int k = 0; k < (VTAB * 8 + NT - 1) / NT; ++k) {
+    const int i = tq_tid + k * NT;
     const int e = i >> 3;
-    tq_fill4(vtab + 4 * i, tq_pack_half2(vcent[e & ((1 << VBITS) - 1)], vcent[e >> VBITS]));
+    TQ_SHARED_PTR(float) vc = cent_sh + NKC;
+    if (i < VTAB * 8) {
+      tq_fill4(vtab + 4 * i, tq_pack_half2(vc[e & ((1 << VBITS) - 1)], vc[e >> VBITS]));
+    }
   }
   TQ_BARRIER();
 
@@ -749,6 +794,13 @@ ATTENTION_TC = r"""
 
   for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARPS) {
     load(t0 + 16 * NWARPS, kw_n, vw_n, kn_n, vn_n);  // guarded: zeros past the span
+    if (PACKED && t0 + PF * 16 * NWARPS < t_end) {  // this warp's 16 rows PF steps ahead
+      const int t = t0 + PF * 16 * NWARPS;
+      const int rows = t_end - t < 16 ? t_end - t : 16;
+      if (lane * 128 < rows * PROW * 4) {
+        tq_prefetch_l2(reinterpret_cast<const char*>(keys + (tok0 + t) * PROW) + 128 * lane);
+      }
+    }
     // Scores: two 8-token halves, each KC mma over the dimensions.
     float s[2][4];
     TQ_UNROLL for (int h = 0; h < 2; ++h) {
@@ -929,25 +981,34 @@ ATTENTION_TC = r"""
     l_sh[warp * R + g] = l_run;
   }
   TQ_BARRIER();
+  // Each warp's weight per row, once (m_sh in place), and the block's maximum and sum.
   const int64_t part = (int64_t)bh * n_splits + split;
-  for (int i = tq_tid; i < R * D; i += NT) {
-    const int r = i / D;
+  if (tq_tid < R) {
+    const int r = tq_tid;
     float m = -TQ_INF;
     TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
       m = tq_max(m, m_sh[w * R + r]);
     }
     const float m_use = m == -TQ_INF ? 0.0f : m;
-    float o = 0.0f;
     float l = 0.0f;
     TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
       const float wt = tq_exp(m_sh[w * R + r] - m_use);
-      o += wt * o_sh[w * R * D + i];
+      m_sh[w * R + r] = wt;
       l += wt * l_sh[w * R + r];
     }
-    o_part[part * R * D + i] = o;
-    if (i - r * D == 0) {
-      ml_part[(part * R + r) * 2] = m;
-      ml_part[(part * R + r) * 2 + 1] = l;
+    ml_part[(part * R + r) * 2] = m;
+    ml_part[(part * R + r) * 2 + 1] = l;
+  }
+  TQ_BARRIER();
+  TQ_UNROLL for (int k = 0; k < (R * D + NT - 1) / NT; ++k) {
+    const int i = tq_tid + k * NT;
+    if (i < R * D) {
+      const int r = i / D;
+      float o = 0.0f;
+      TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
+        o += m_sh[w * R + r] * o_sh[w * R * D + i];
+      }
+      o_part[part * R * D + i] = o;
     }
   }
 
@@ -969,6 +1030,10 @@ ATTENTION_TC = r"""
   if (tq_tid == 0) {
     tq_atomic_reset(counter + bh);
   }
+  float o_sign[EPL];  // the value rotation's signs, in flight while the spans merge
+  TQ_UNROLL for (int k = 0; k < EPL; ++k) {
+    o_sign[k] = rot_t[lane + 32 * k] * inv_sqrt_d;
+  }
   // big_sh again (the warps' results are written out): merged rows, 1 / sums, span weights.
   // launch.TensorCorePlan.max_splits keeps R * n_splits weights within it.
   TQ_SHARED_PTR(float) y_sh = (TQ_SHARED_PTR(float))big_sh;  // [R][D]
@@ -976,50 +1041,78 @@ ATTENTION_TC = r"""
   TQ_SHARED_PTR(float) w_sh = inv_sh + R;                    // [R][n_splits]
   const int64_t first = (int64_t)bh * n_splits;
   for (int r = warp; r < R; r += NWARPS) {  // one warp per row, its lanes over the spans
+    // One pass over the spans' maxima and sums: each lane keeps a running (max, sum) and
+    // parks the spans' maxima in w_sh, which become weights once the row's maximum is known.
     float m = -TQ_INF;
+    float l = 0.0f;
     for (int s = lane; s < n_splits; s += 32) {
-      m = tq_max(m, tq_load_cg(ml_part + ((first + s) * R + r) * 2));
+      const int64_t i = (first + s) * R + r;
+      const float ms = tq_load_cg(ml_part + i * 2);
+      const float ls = tq_load_cg(ml_part + i * 2 + 1);
+      w_sh[r * n_splits + s] = ms;
+      const float mn = tq_max(m, ms);
+      const float mu = mn == -TQ_INF ? 0.0f : mn;
+      l = l * tq_exp(m - mu) + ls * tq_exp(ms - mu);
+      m = mn;
     }
-    m = tq_warp_max(m);
+    float m_row = tq_warp_max(m);
     float sink = 0.0f;
     if (HAS_SINKS) {
       sink = sinks[kvh * NREP + r / L];
-      m = tq_max(m, sink);
+      m_row = tq_max(m_row, sink);
     }
-    const float m_use = m == -TQ_INF ? 0.0f : m;
-    float den = 0.0f;
-    for (int s = lane; s < n_splits; s += 32) {
-      const int64_t i = (first + s) * R + r;
-      const float w = tq_exp(tq_load_cg(ml_part + i * 2) - m_use);
-      w_sh[r * n_splits + s] = w;
-      den += w * tq_load_cg(ml_part + i * 2 + 1);
+    const float m_use = m_row == -TQ_INF ? 0.0f : m_row;
+    const float den = tq_warp_sum(l * tq_exp(m - m_use));
+    for (int s = lane; s < n_splits; s += 32) {  // the lane's own entries: no barrier
+      w_sh[r * n_splits + s] = tq_exp(w_sh[r * n_splits + s] - m_use);
     }
-    den = tq_warp_sum(den);
     if (lane == 0) {
       inv_sh[r] = 1.0f / (den + (HAS_SINKS ? tq_exp(sink - m_use) : 0.0f));
     }
   }
   TQ_BARRIER();
   {
-    // A thread's outputs i = tq_tid + k * NT all advance together over the spans, so
-    // 8 * OPT independent loads are in flight (one output at a time left 8).
-    constexpr int OPT = (R * D + NT - 1) / NT;
-    float o[OPT];
-    TQ_UNROLL for (int k = 0; k < OPT; ++k) {
-      o[k] = 0.0f;
+    // Each thread sums whole float4s of the rows over the spans, SPB spans per batch, so about
+    // 64 floats of loads are in flight per thread (a load waits on L2, whose latency this
+    // merge is bound by).
+    constexpr int Q4 = R * D / 4;  // float4s of the merged rows (D % 32 == 0)
+    constexpr int QPT4 = (Q4 + NT - 1) / NT;
+    constexpr int SPB = QPT4 >= 16 ? 1 : 16 / QPT4;
+    const float4* o_part4 = reinterpret_cast<const float4*>(o_part);
+    float4 o[QPT4];
+    TQ_UNROLL for (int k = 0; k < QPT4; ++k) {
+      o[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    TQ_UNROLL8 for (int s = 0; s < n_splits; ++s) {
-      TQ_UNROLL for (int k = 0; k < OPT; ++k) {
-        const int i = tq_tid + k * NT;
-        if (i < R * D) {
-          o[k] += w_sh[(i / D) * n_splits + s] * tq_load_cg(o_part + (first + s) * R * D + i);
+    for (int s0 = 0; s0 < n_splits; s0 += SPB) {
+      float4 x[SPB][QPT4];
+      TQ_UNROLL for (int j = 0; j < SPB; ++j) {
+        TQ_UNROLL for (int k = 0; k < QPT4; ++k) {
+          const int i4 = tq_tid + k * NT;
+          x[j][k] = s0 + j < n_splits && i4 < Q4
+                        ? tq_load_cg4(o_part4 + (first + s0 + j) * Q4 + i4)
+                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+      }
+      TQ_UNROLL for (int j = 0; j < SPB; ++j) {
+        TQ_UNROLL for (int k = 0; k < QPT4; ++k) {
+          const int i4 = tq_tid + k * NT;
+          const float w = s0 + j < n_splits && i4 < Q4 ? w_sh[(4 * i4 / D) * n_splits + s0 + j]
+                                                       : 0.0f;
+          o[k].x += w * x[j][k].x;
+          o[k].y += w * x[j][k].y;
+          o[k].z += w * x[j][k].z;
+          o[k].w += w * x[j][k].w;
         }
       }
     }
-    TQ_UNROLL for (int k = 0; k < OPT; ++k) {
-      const int i = tq_tid + k * NT;
-      if (i < R * D) {
-        y_sh[i] = o[k] * inv_sh[i / D];
+    TQ_UNROLL for (int k = 0; k < QPT4; ++k) {
+      const int i4 = tq_tid + k * NT;
+      if (i4 < Q4) {
+        const float inv = inv_sh[4 * i4 / D];
+        y_sh[4 * i4] = o[k].x * inv;
+        y_sh[4 * i4 + 1] = o[k].y * inv;
+        y_sh[4 * i4 + 2] = o[k].z * inv;
+        y_sh[4 * i4 + 3] = o[k].w * inv;
       }
     }
   }
@@ -1032,7 +1125,7 @@ ATTENTION_TC = r"""
     }""" + _WARP_WALSH_HADAMARD + r"""
     TQ_UNROLL for (int k = 0; k < EPL; ++k) {
       const int d = lane + 32 * k;
-      out[((int64_t)bh * R + r) * D + d] = static_cast<QT>(v[k] * (rot_t[d] * inv_sqrt_d));
+      out[((int64_t)bh * R + r) * D + d] = static_cast<QT>(v[k] * o_sign[k]);
     }
   }
 """

@@ -41,6 +41,7 @@ struct tq_bf16 {
 struct float4 {
   float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 inline float tq_emu_h2f(tq_half h) {
   _Float16 f;
@@ -143,6 +144,8 @@ inline void tq_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline uint32_t tq_atomic_inc(const uint32_t* c) { return (*const_cast<uint32_t*>(c))++; }
 inline void tq_atomic_reset(const uint32_t* c) { *const_cast<uint32_t*>(c) = 0u; }
 inline float tq_load_cg(const float* p) { return *p; }
+inline float4 tq_load_cg4(const float4* p) { return *p; }
+inline void tq_prefetch_l2(const void*) {}
 inline void tq_fill4(uint32_t* p, uint32_t v) { p[0] = p[1] = p[2] = p[3] = v; }
 
 // mma.sync m16n8k16 (fp16 x fp16 + fp32) with the PTX ISA's fragment layout: lane =
