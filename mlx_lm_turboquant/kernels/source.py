@@ -587,9 +587,9 @@ ATTENTION_TC = r"""
   const int vw0 = (g * VSPAN) >> 5, vsh = (g * VSPAN) & 31;
   // Codes of one step: keys of tokens t0 + g and t0 + 8 + g; values and norms of tokens
   // t0 + {2c, 2c + 1, 2c + 8, 2c + 9}. The next step's are loaded before this one is
-  // computed, so their memory latency overlaps the arithmetic. Token rows (PACKED) of the
-  // step PF steps ahead are also requested into L2 (no registers held), so more bytes are in
-  // flight than registers could hold and the register loads wait on L2, not on memory.
+  // computed, so their memory latency overlaps the arithmetic. With PREFETCH (token rows;
+  // the plan decides), the rows PF steps ahead are also requested into L2 (no registers
+  // held), so more bytes are in flight than registers could hold.
   constexpr int PF = 4;
   uint32_t kw[2][NWK], kw_n[2][NWK];
   uint32_t vw[4][NWV], vw_n[4][NWV];
@@ -794,7 +794,7 @@ ATTENTION_TC = r"""
 
   for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARPS) {
     load(t0 + 16 * NWARPS, kw_n, vw_n, kn_n, vn_n);  // guarded: zeros past the span
-    if (PACKED && t0 + PF * 16 * NWARPS < t_end) {  // this warp's 16 rows PF steps ahead
+    if (PREFETCH && t0 + PF * 16 * NWARPS < t_end) {  // this warp's 16 rows PF steps ahead
       const int t = t0 + PF * 16 * NWARPS;
       const int rows = t_end - t < 16 ? t_end - t : 16;
       if (lane * 128 < rows * PROW * 4) {
