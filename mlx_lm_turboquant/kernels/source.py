@@ -15,8 +15,9 @@ which makes each group of 32 coordinates start on a word boundary.
 
 # Inside a block that has the query's shared array q_sh [D][R]: load the query (scaled when
 # PREP_Q), run the includer's code on the query in the model's basis (`{after_load}`), then
-# rotate it in place into the keys' basis by the dense matrix rot (ROTATE_Q). Shared by both
-# attention kernels; the includer defines PREP_Q and ROTATE_Q.
+# rotate it in place into the keys' basis by the dense matrix rot (ROTATE_Q). The portable
+# kernel's; it defines PREP_Q and ROTATE_Q. (The tensor-core kernel loads its query itself,
+# into registers first, so that its other requests go out before anything waits.)
 _PREPARE_QUERY = r"""
     // q is [B * H_kv, R, D]: raw queries (PREP_Q) or already scaled and rotated float32.
     const float scale = PREP_Q ? tq_as_float(SCALE_BITS) : 1.0f;
@@ -547,7 +548,8 @@ ATTENTION = r"""
 #   turns it by e^{i 16 NWARPS w} per step (the warp's next tokens).
 # Templates: D (64 or 128), R (<= 8 rows), L, NREP, KBITS / VBITS (2..4), WK / WV, SAME_TABLE,
 # SCALE_BITS, QT (the query's and the output's dtype), MASK_MODE, MB, MH, ML, NT (128),
-# HAS_SINKS, CENTRED, RDIMS (a multiple of 16), RTRAD.
+# HAS_SINKS, CENTRED, RDIMS (a multiple of 16), RTRAD, PREFETCH (token rows requested into L2
+# PF steps ahead inside the loop).
 ATTENTION_TC = r"""
   constexpr int NWARPS = NT / 32;
   constexpr int KC = D / 16;                 // k-chunks of the scores = m-tiles of the values
@@ -742,10 +744,10 @@ ATTENTION_TC = r"""
       tq_fill4(ktab + 4 * i, tq_pack_half2(cent_sh[e & (NKC - 1)], cent_sh[e >> KBITS]));
     }
   }
+  TQ_SHARED_PTR(float) vc = cent_sh + NKC;  // the value centroids, where not the same table
   TQ_UNROLL for (int k = 0; k < (VTAB * 8 + NT - 1) / NT; ++k) {
     const int i = tq_tid + k * NT;
     const int e = i >> 3;
-    TQ_SHARED_PTR(float) vc = cent_sh + NKC;
     if (i < VTAB * 8) {
       tq_fill4(vtab + 4 * i, tq_pack_half2(vc[e & ((1 << VBITS) - 1)], vc[e >> VBITS]));
     }
