@@ -593,11 +593,12 @@ ATTENTION_TC = r"""
   // the plan decides), the rows PF steps ahead are also requested into L2 (no registers
   // held), so more bytes are in flight than registers could hold.
   constexpr int PF = 4;
+  // The norms stay fp16 bits (the key's in the low half) until the next step uses them: a
+  // conversion here would wait on the load in this step.
   uint32_t kw[2][NWK], kw_n[2][NWK];
   uint32_t vw[4][NWV], vw_n[4][NWV];
-  float kn[4], kn_n[4], vn[4], vn_n[4];
-  auto load = [&](int t0, uint32_t (&kx)[2][NWK], uint32_t (&vx)[4][NWV], float (&knx)[4],
-                  float (&vnx)[4]) {
+  uint32_t nw[4], nw_n[4];
+  auto load = [&](int t0, uint32_t (&kx)[2][NWK], uint32_t (&vx)[4][NWV], uint32_t (&nwx)[4]) {
     TQ_UNROLL for (int h = 0; h < 2; ++h) {
       const int t = t0 + 8 * h + g;
       TQ_UNROLL for (int i = 0; i < NWK; ++i) {
@@ -613,12 +614,11 @@ ATTENTION_TC = r"""
                       : 0u;
       }
       if (PACKED) {  // one load for the word that holds both norms
-        const uint32_t nw = t < t_end ? keys[(tok0 + t) * PROW + WK + WV] : 0u;
-        knx[j] = tq_half_bits(nw & 0xFFFFu);
-        vnx[j] = tq_half_bits(nw >> 16);
-      } else {
-        knx[j] = t < t_end ? TQ_HALF_TO_FLOAT(key_norms[tok0 + t]) : 0.0f;
-        vnx[j] = t < t_end ? TQ_HALF_TO_FLOAT(value_norms[tok0 + t]) : 0.0f;
+        nwx[j] = t < t_end ? keys[(tok0 + t) * PROW + WK + WV] : 0u;
+      } else {  // (four arrays: batch caches' views; converted both ways, exactly)
+        nwx[j] = t < t_end ? tq_half_word(TQ_HALF_TO_FLOAT(key_norms[tok0 + t])) |
+                                 (tq_half_word(TQ_HALF_TO_FLOAT(value_norms[tok0 + t])) << 16)
+                           : 0u;
       }
     }
   };
@@ -648,7 +648,7 @@ ATTENTION_TC = r"""
     }
     static_assert(NCENT <= NT, "a thread per centroid");
     const float cent = tq_tid < NKC ? kcent[tq_tid] : tq_tid < NCENT ? vcent[tq_tid - NKC] : 0.0f;
-    load(t_begin + 16 * warp, kw, vw, kn, vn);  // in flight while the block sets up
+    load(t_begin + 16 * warp, kw, vw, nw);  // in flight while the block sets up
     if (PACKED) {  // and the rows of the next PF - 1 steps into L2 (see PF)
       const int t_lo = t_begin + 16 * NWARPS;
       const int t_hi = t_begin + PF * 16 * NWARPS < t_end ? t_begin + PF * 16 * NWARPS : t_end;
@@ -794,8 +794,11 @@ ATTENTION_TC = r"""
   const int ml_n = ML ? L : 1;
 
 
-  for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARPS) {
-    load(t0 + 16 * NWARPS, kw_n, vw_n, kn_n, vn_n);  // guarded: zeros past the span
+  // One step of this warp: the codes of tokens t0.. are in (kw, vw, nw); the next step's go
+  // into (kw_n, vw_n, nw_n).
+  auto step = [&](int t0, uint32_t (&kw)[2][NWK], uint32_t (&vw)[4][NWV], uint32_t (&nw)[4],
+                  uint32_t (&kw_n)[2][NWK], uint32_t (&vw_n)[4][NWV], uint32_t (&nw_n)[4]) {
+    load(t0 + 16 * NWARPS, kw_n, vw_n, nw_n);  // guarded: zeros past the span
     if (PREFETCH && t0 + PF * 16 * NWARPS < t_end) {  // this warp's 16 rows PF steps ahead
       const int t = t0 + PF * 16 * NWARPS;
       const int rows = t_end - t < 16 ? t_end - t : 16;
@@ -862,7 +865,7 @@ ATTENTION_TC = r"""
     TQ_UNROLL for (int j = 0; j < 4; ++j) {
       const int h = j >> 1;
       const int t = t0 + 8 * h + 2 * c + (j & 1);
-      float v = s[h][j & 1] * (kn[j] * q_max);
+      float v = s[h][j & 1] * (tq_half_bits(nw[j] & 0xFFFFu) * q_max);
       if (CENTRED) {
         v += sc[h][j & 1] * z_max + c0_row;
       }
@@ -887,7 +890,7 @@ ATTENTION_TC = r"""
     TQ_UNROLL for (int j = 0; j < 4; ++j) {
       const float e = tq_exp(s[j >> 1][j & 1] - m_use);
       psum += e;
-      p[j] = e * vn[j];
+      p[j] = e * tq_half_bits(nw[j] >> 16);
     }
     l_run = l_run * alpha + psum;
     // The value accumulators hold rows 2c and 2c + 1: their rescale factors live in the
@@ -948,18 +951,15 @@ ATTENTION_TC = r"""
       }
       tq_mma_16816(acc[mt], afrag[0], afrag[1], afrag[2], afrag[3], pb0, pb1);
     }
-    TQ_UNROLL for (int h = 0; h < 2; ++h) {
-      TQ_UNROLL for (int i = 0; i < NWK; ++i) {
-        kw[h][i] = kw_n[h][i];
-      }
+  };
+  // Two steps per iteration, the buffers trading places: the next step's codes are never
+  // copied (a copy waits for the load), so nothing waits on them before their first use.
+  for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 2 * 16 * NWARPS) {
+    step(t0, kw, vw, nw, kw_n, vw_n, nw_n);
+    if (t0 + 16 * NWARPS >= t_end) {
+      break;
     }
-    TQ_UNROLL for (int j = 0; j < 4; ++j) {
-      TQ_UNROLL for (int i = 0; i < NWV; ++i) {
-        vw[j][i] = vw_n[j][i];
-      }
-      kn[j] = kn_n[j];
-      vn[j] = vn_n[j];
-    }
+    step(t0 + 16 * NWARPS, kw_n, vw_n, nw_n, kw, vw, nw);
   }
 
   // Merge the warps: [warp][R][D] outputs, then [warp][R] maxima and sums.
