@@ -354,16 +354,18 @@ def test_tensor_core_kernel_only_takes_sylvester_rotations(monkeypatch):
 
 
 @needs_gxx
-def test_emulated_tensor_core_merge_over_many_spans(monkeypatch):
-    """The tensor-core kernel's fused merge: more spans than a warp has lanes, blocks
-    finishing in either order (the emulator runs odd KV heads' blocks last to first), a
-    counter left at zero for the next launch, and the same result as the separate reduce."""
+@pytest.mark.parametrize("tokens", [2400, 4500])  # 38 and 71 spans
+def test_emulated_tensor_core_merge_over_many_spans(monkeypatch, tokens):
+    """The tensor-core kernel's fused merge: more spans than a warp has lanes (71: three
+    passes of them), several batches of partials, blocks finishing in either order (the
+    emulator runs odd KV heads' blocks last to first), a counter left at zero for the next
+    launch, and the same result as the separate reduce."""
     import kernel_emulator as emu
 
     monkeypatch.setattr(launch, "TARGET_BLOCKS", 4096)
     monkeypatch.setattr(launch, "MIN_SPAN", 0)  # one 64-token tile per span
     mx.random.seed(7)
-    D, n_kv, n_rep, tokens = 64, 2, 4, 2400
+    D, n_kv, n_rep = 64, 2, 4
     keys = (mx.random.normal((1, n_kv, tokens, D)) * 2.0).astype(mx.bfloat16)
     values = mx.random.normal((1, n_kv, tokens, D)).astype(mx.bfloat16)
     cache = TurboQuantKVCache("turbo4", layer_index=3)
