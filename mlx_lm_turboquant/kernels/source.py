@@ -795,7 +795,8 @@ ATTENTION_TC = r"""
 
 
   // One step of this warp: the codes of tokens t0.. are in (kw, vw, nw); the next step's go
-  // into (kw_n, vw_n, nw_n).
+  // into (kw_n, vw_n, nw_n). The parameters take the buffers' names, so the body reads as
+  // a loop body; the caller passes the two buffers either way round.
   auto step = [&](int t0, uint32_t (&kw)[2][NWK], uint32_t (&vw)[4][NWV], uint32_t (&nw)[4],
                   uint32_t (&kw_n)[2][NWK], uint32_t (&vw_n)[4][NWV], uint32_t (&nw_n)[4]) {
     load(t0 + 16 * NWARPS, kw_n, vw_n, nw_n);  // guarded: zeros past the span
