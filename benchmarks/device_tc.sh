@@ -1,6 +1,6 @@
 #!/bin/bash
 # Tensor-core attention on the lent GPU, one step per call (see docs/kernels.md):
-#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|ktimes ; results land in $OUT.
+#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|stalls|ktimes ; results in $OUT.
 set -o pipefail
 export PYTHONPATH=/root/mlx-site:$PWD PYTHONUNBUFFERED=1
 case "${1:-smoke}" in
@@ -36,6 +36,16 @@ case "${1:-smoke}" in
       python3 benchmarks/profile_step.py --summarize $OUT/step_$T.csv --json $OUT/step_$T.json \
         --kinds $kinds 2>&1 | tee $OUT/step_$T.txt
     done ;;
+  stalls)
+    # Where one turbo4 call's warps stall, per SASS instruction (sampling): sass.csv and
+    # stalls.json, and a summary printed.
+    T=${STALL_CONTEXT:-131072}
+    timeout ${STALL_S:-200} /usr/local/cuda/bin/ncu --section SourceCounters \
+      --section WarpStateStats --page source --print-source sass --csv \
+      -k regex:turboquant_attention --launch-skip 2 -c 1 \
+      python3 benchmarks/profile_attention.py --context $T --calls 4 > $OUT/sass.csv 2> $OUT/sass.err
+    python3 benchmarks/profile_attention.py --context $T --stalls $OUT/sass.csv \
+      --json $OUT/stalls.json 2>&1 | tee $OUT/stalls.txt ;;
   ktimes)
     # GPU time of single attention calls at the clocks a user's run gets (the profiler
     # serializes kernels and flushes the caches between them), every scheme and length in

@@ -9,10 +9,14 @@ user's run gets). Several contexts and schemes run in one process, in order, wit
 ``--order FILE`` recording which calls were which. ``bash benchmarks/device_tc.sh
 ktimes`` writes ``kt.csv`` and ``kt_order.json`` that way; ``--summarize DIR [DIR ...]``
 turns them into a table and JSON (one directory per code version, the first one's fp16 as
-the baseline).
+the baseline). ``--stalls CSV`` summarizes Nsight Compute's per-instruction page of one
+call (``bash benchmarks/device_tc.sh stalls``): stall reasons over all samples, the
+instruction mix, and the instructions with the most samples.
 """
 
 import argparse
+import collections
+import csv
 import json
 import statistics
 import sys
@@ -70,6 +74,61 @@ def summarize(dirs, out=None):
     return table
 
 
+def _number(text):
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:  # "-", "" and the like
+        return 0.0
+
+
+def stall_summary(path, top=8):
+    """Stall reasons (share of all samples), executed warp instructions per opcode and the
+    ``top`` instructions by samples, from ``ncu --page source --print-source sass --csv``."""
+    rows = list(csv.reader(Path(path).read_text().splitlines()))
+    start = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), None)
+    if start is None:
+        raise ValueError(f"{path}: no per-instruction table (a row starting with 'Address')")
+    header, body = rows[start], [r for r in rows[start + 1:] if len(r) == len(rows[start])]
+    col = {name: i for i, name in enumerate(header)}
+    samples_col = col.get("Warp Stall Sampling (All Samples)")
+    executed_col = col.get("Instructions Executed")
+    if samples_col is None or executed_col is None:
+        raise ValueError(f"{path}: no stall-sampling or executed-instruction columns")
+    reasons = [n for n in header if n.startswith("stall_") and "(Not Issued)" not in n]
+    stalls = collections.Counter()
+    opcodes = collections.Counter()
+    for r in body:
+        for name in reasons:
+            stalls[name[len("stall_"):]] += _number(r[col[name]])
+        words = r[1].split()
+        words = words[1:] if words and words[0].startswith("@") else words  # a predicate
+        if words:
+            opcodes[words[0].split(".")[0]] += _number(r[executed_col])
+    total = sum(stalls.values()) or 1.0
+    hot = sorted(body, key=lambda r: -_number(r[samples_col]))[:top]
+    return {
+        "samples": sum(stalls.values()),
+        "stalls": {k: round(v / total, 4) for k, v in stalls.most_common() if v},
+        "instructions": sum(opcodes.values()),
+        "opcodes": dict(opcodes.most_common()),
+        "hot": [{"samples": _number(r[samples_col]), "sass": r[1].strip()} for r in hot],
+    }
+
+
+def print_stalls(summary, steps=None):
+    """The summary as text; ``steps``: warp steps of the call, to count per step."""
+    print(f"{summary['samples']:.0f} stall samples")
+    for reason, share in summary["stalls"].items():
+        print(f"  {reason:<18} {100 * share:5.1f}%")
+    per = f" ({summary['instructions'] / steps:.0f} per step)" if steps else ""
+    print(f"{summary['instructions']:.0f} warp instructions{per}; most executed:")
+    for op, n in list(summary["opcodes"].items())[:10]:
+        print(f"  {op:<8} {n / steps if steps else n:10.1f}")
+    print("most sampled:")
+    for h in summary["hot"]:
+        print(f"  {h['samples']:6.0f}  {h['sass']}")
+
+
 def run(scheme, context, calls):
     q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
     if scheme == "fp16":
@@ -95,10 +154,19 @@ def main():
     p.add_argument("--order", help="write [[scheme, context, calls], ...] here (JSON)")
     p.add_argument("--summarize", nargs="+", metavar="DIR",
                    help="print (and with --json write) the table of ktimes runs")
-    p.add_argument("--json", help="with --summarize: write the table here")
+    p.add_argument("--json", help="with --summarize or --stalls: write the result here")
+    p.add_argument("--stalls", metavar="CSV",
+                   help="summarize ncu's per-instruction page of one call (see device_tc.sh)")
     args = p.parse_args()
     if args.summarize:
         summarize(args.summarize, args.json)
+        return
+    if args.stalls:
+        summary = stall_summary(args.stalls)
+        # turbo4's call: B=1, 8 KV heads, 16 tokens per warp step
+        print_stalls(summary, steps=args.context[0] * 8 // 16 if len(args.context) == 1 else None)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
         return
     mlx_lm_turboquant.activate()
     order = []

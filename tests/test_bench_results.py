@@ -111,3 +111,26 @@ def test_attention_call_times_pair_cudnn_with_its_reduction(tmp_path):
     (run / "kt_order.json").write_text(json.dumps([["fp16", 4096, 3], ["turbo4", 4096, 4]]))
     with pytest.raises(ValueError, match="6 attention calls, the order lists 7"):
         prof.summarize([run])
+
+
+def test_stall_summary_of_ncus_instruction_page(tmp_path):
+    prof = _benchmark("profile_attention")
+    header = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+              '"stall_long_sb","stall_wait","stall_wait (Not Issued)"')
+    lines = ['"Kernel Name","custom_kernel_turboquant_attention_tc"', header,
+             '"0x10","      LDG.E R1, desc[UR4][R2.64]","6","1,000","6","0","9"',
+             '"0x20","      @!P1  LDG.E R3, desc[UR4][R2.64+0x4]","1","500","0","1","9"',
+             '"0x30","      HADD2.F32 R5, -RZ, R1.H0_H0","13","1000","10","3","0"',
+             '"0x40","      EXIT","-","-","-","-","-"']  # fmt: skip
+    path = tmp_path / "sass.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = prof.stall_summary(path, top=2)
+    assert out["samples"] == 20  # the "(Not Issued)" columns are a subset, not added
+    assert out["stalls"] == {"long_sb": 0.8, "wait": 0.2}
+    assert out["opcodes"] == {"LDG": 1500, "HADD2": 1000, "EXIT": 0}  # predicate skipped
+    assert out["instructions"] == 2500
+    assert [h["samples"] for h in out["hot"]] == [13, 6]
+    assert out["hot"][0]["sass"].startswith("HADD2.F32")
+    (tmp_path / "none.csv").write_text('"ID","Kernel Name"\n')
+    with pytest.raises(ValueError, match="no per-instruction table"):
+        prof.stall_summary(tmp_path / "none.csv")
