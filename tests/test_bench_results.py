@@ -134,3 +134,24 @@ def test_stall_summary_of_ncus_instruction_page(tmp_path):
     (tmp_path / "none.csv").write_text('"ID","Kernel Name"\n')
     with pytest.raises(ValueError, match="no per-instruction table"):
         prof.stall_summary(tmp_path / "none.csv")
+
+
+def test_register_report_reads_ptxas_and_counts_blocks():
+    regs = _benchmark("kernel_registers")
+    text = ("ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
+            "ptxas info    : Function properties for k\n"
+            "    0 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n"
+            "ptxas info    : Used 167 registers, used 1 barriers, 34900 bytes smem\n")
+    assert regs.ptxas_usage(text) == {"registers": 167, "spill_stores": 16, "spill_loads": 8,
+                                      "smem": 34900}  # fmt: skip
+    # registers go 8 per thread at a time: 167 -> 168 x 128 threads, 3 blocks in 65536
+    assert regs.blocks_per_sm(167, 128, 34900) == 3
+    assert regs.blocks_per_sm(254, 128, 39540) == 2
+    assert regs.blocks_per_sm(128, 128, 0) == 4
+    assert regs.blocks_per_sm(32, 128, 100 * 1024) == 2  # shared memory binds
+    with pytest.raises(ValueError, match="no 'Used N registers'"):
+        regs.ptxas_usage("nvcc: command not found")
+    # the source it compiles is the decode build of each format the kernel takes
+    assert "attention_tc" in regs.tensor_core_source("turbo4")
+    with pytest.raises(ValueError, match="turbo8v4: the tensor-core kernel does not take"):
+        regs.tensor_core_source("turbo8v4")
