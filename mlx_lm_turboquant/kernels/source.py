@@ -142,6 +142,15 @@ _CENTRE_PAIRS = r"""
         const float zi = qa * mb - qb * ma;
 """
 
+def _complex_product(re: str, im: str, a, b, indent: int) -> str:
+    """C statements ``re = Re(a b)``, ``im = Im(a b)`` for a = (ar, ai), b = (br, bi) given
+    as C expressions: the one spelling of the turns both kernels apply (``re`` and ``im``
+    may be declarations)."""
+    (ar, ai), (br, bi), pad = a, b, " " * indent
+    return (f"\n{pad}{re} = {ar} * {br} - {ai} * {bi};"
+            f"\n{pad}{im} = {ar} * {bi} + {ai} * {br};")
+
+
 def _turn_table(step: str) -> str:
     """Fill dstep_sh [pair][re, im] with e^{i step w_j}: what turns Y from one step of the
     tokens to the next (``step`` a C expression)."""
@@ -164,9 +173,8 @@ _CENTRE_PORTABLE = r"""
         const int j = i / R;
         const int r = i - j * R;""" + _CENTRE_PAIRS + r"""
         const float a = (float)t_begin * omega[j];
-        const float cs = tq_cos(a), sn = tq_sin(a);
-        yc_sh[2 * i] = zr * cs - zi * sn;
-        yc_sh[2 * i + 1] = zr * sn + zi * cs;
+        const float cs = tq_cos(a), sn = tq_sin(a);""" + _complex_product(
+    "yc_sh[2 * i]", "yc_sh[2 * i + 1]", ("zr", "zi"), ("cs", "sn"), 8) + r"""
       }""" + _turn_table("TILE") + r"""
       for (int r = tq_tid; r < R; r += NT) {
         float c0 = 0.0f;
@@ -326,9 +334,8 @@ ATTENTION = r"""
       for (int i = tq_tid; i < NP * R; i += NT) {
         const int j = i / R;
         const float dr = dstep_sh[2 * j], di = dstep_sh[2 * j + 1];
-        const float yr = yc_sh[2 * i], yi = yc_sh[2 * i + 1];
-        yc_sh[2 * i] = yr * dr - yi * di;
-        yc_sh[2 * i + 1] = yr * di + yi * dr;
+        const float yr = yc_sh[2 * i], yi = yc_sh[2 * i + 1];""" + _complex_product(
+    "yc_sh[2 * i]", "yc_sh[2 * i + 1]", ("yr", "yi"), ("dr", "di"), 8) + r"""
       }
     }
     TQ_BARRIER();
@@ -389,9 +396,8 @@ ATTENTION = r"""
           const int f = tt & 7;
           for (int j = 0; j < NP; ++j) {
             const float fr = wf_sh[(j * 8 + f) * 2], fi = wf_sh[(j * 8 + f) * 2 + 1];
-            const float cr = wc_sh[(j * NCT + a) * 2], ci = wc_sh[(j * NCT + a) * 2 + 1];
-            const float er = cr * fr - ci * fi;
-            const float ei = cr * fi + ci * fr;
+            const float cr = wc_sh[(j * NCT + a) * 2], ci = wc_sh[(j * NCT + a) * 2 + 1];""" + \
+    _complex_product("const float er", "const float ei", ("cr", "ci"), ("fr", "fi"), 12) + r"""
             TQ_UNROLL for (int r = 0; r < R; ++r) {
               sc[r] += yc_sh[(j * R + r) * 2] * er - yc_sh[(j * R + r) * 2 + 1] * ei;
             }
@@ -728,9 +734,8 @@ ATTENTION_TC = r"""
         const float zr = g < R ? z_sh[(g * NP + j) * 2] * z_inv : 0.0f;
         const float zi = g < R ? z_sh[(g * NP + j) * 2 + 1] * z_inv : 0.0f;
         const float a = t_first * omega[j];
-        const float cs = tq_cos(a), sn = tq_sin(a);
-        yc[kk][w][0] = zr * cs - zi * sn;
-        yc[kk][w][1] = zr * sn + zi * cs;
+        const float cs = tq_cos(a), sn = tq_sin(a);""" + _complex_product(
+    "yc[kk][w][0]", "yc[kk][w][1]", ("zr", "zi"), ("cs", "sn"), 8) + r"""
       }
     }
     TQ_BARRIER();  // every Z is read before the tables overwrite big_sh
@@ -854,9 +859,8 @@ ATTENTION_TC = r"""
         TQ_UNROLL for (int w = 0; w < 2; ++w) {
           const int j = 8 * kk + 4 * w + c;
           const float dr = dstep_sh[2 * j], di = dstep_sh[2 * j + 1];
-          const float yr = yc[kk][w][0], yi = yc[kk][w][1];
-          yc[kk][w][0] = yr * dr - yi * di;
-          yc[kk][w][1] = yr * di + yi * dr;
+          const float yr = yc[kk][w][0], yi = yc[kk][w][1];""" + _complex_product(
+    "yc[kk][w][0]", "yc[kk][w][1]", ("yr", "yi"), ("dr", "di"), 10) + r"""
         }
       }
     }
