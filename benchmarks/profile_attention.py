@@ -28,7 +28,7 @@ import mlx_lm_turboquant
 from mlx_lm_turboquant import turboquant_sdpa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import bench_cache  # noqa: E402  (sibling scripts)
+from bench_kernels import D, H_KV, H_Q, bench_cache  # noqa: E402  (sibling scripts)
 from profile_step import kernel_durations  # noqa: E402
 
 
@@ -130,20 +130,20 @@ def print_stalls(summary, steps=None):
 
 
 def run(scheme, context, calls):
-    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
+    q = mx.random.normal((1, H_Q, 1, D)).astype(mx.bfloat16)
     if scheme == "fp16":
-        k, v = (mx.random.normal((1, 8, context, 128)).astype(mx.bfloat16) for _ in "kv")
+        k, v = (mx.random.normal((1, H_KV, context, D)).astype(mx.bfloat16) for _ in "kv")
         for _ in range(calls):
-            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5))
+            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5))
         return
     cache = bench_cache(scheme)
     for start in range(0, context, 8192):  # in chunks: bounded temporary memory
         n = min(8192, context - start)
-        k = mx.random.normal((1, 8, n, 128)).astype(mx.bfloat16)
+        k = mx.random.normal((1, H_KV, n, D)).astype(mx.bfloat16)
         cache.update_and_fetch(k, k)
         mx.eval(cache.keys, cache.values)
     for _ in range(calls):
-        mx.eval(turboquant_sdpa(q, cache, 128**-0.5))
+        mx.eval(turboquant_sdpa(q, cache, D**-0.5))
 
 
 def main():
@@ -163,8 +163,9 @@ def main():
         return
     if args.stalls:
         summary = stall_summary(args.stalls)
-        # turbo4's call: B=1, 8 KV heads, 16 tokens per warp step
-        print_stalls(summary, steps=args.context[0] * 8 // 16 if len(args.context) == 1 else None)
+        # the profiled call's warp steps: 16 tokens of one KV head each (B = 1)
+        steps = args.context[0] * H_KV // 16 if len(args.context) == 1 else None
+        print_stalls(summary, steps=steps)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=1))
         return
