@@ -236,8 +236,9 @@ def test_batch_cache_moves_like_batch_kv_cache(lengths, ops, seed):
 
     fp, tq = pair(lengths)
     for op, arg in ops:
-        if fp.keys is not None and fp._idx == 0:
-            # Trimmed to nothing: mlx-lm's own BatchKVCache then fails the next update or
+        if fp.keys is not None and fp._idx <= 0:
+            # Trimmed to nothing (or, trimmed into an empty row's padding and filtered, to
+            # a negative length): mlx-lm's own BatchKVCache then fails the next update or
             # extend (its arrays keep a stale length), so there is nothing to compare with.
             break
         B = tq.batch_size
