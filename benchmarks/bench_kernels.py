@@ -158,23 +158,39 @@ def _kernel_variant(name):
     """``scheme:portable`` measures the portable kernel where CUDA's tensor-core one would
     run; ``scheme:apart`` caches that keep four arrays instead of token rows;
     ``scheme:uncompiled`` the CUDA launches built per call instead of replayed from
-    ``mx.compile`` graphs."""
-    from mlx_lm_turboquant.kernels import cuda
+    ``mx.compile`` graphs; on sm_90 and later, ``scheme:loads`` the tensor-core kernel
+    with loads of its token rows and wide table rows instead of bulk copies, and
+    ``scheme:narrow`` with loads and narrow table rows (what other GPUs get), and
+    ``scheme:bulkN`` with bulk copies N steps ahead (for any size of token rows)."""
+    from mlx_lm_turboquant.kernels import cuda, launch
 
     variant = name.split(":")[1] if ":" in name else ""
-    if variant not in ("", "portable", "apart", "uncompiled"):
-        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; "
-                         "allowed: portable, apart, uncompiled")  # fmt: skip
+    steps = variant[4:] if variant.startswith("bulk") else ""
+    if variant not in ("", "portable", "apart", "uncompiled", "loads", "narrow") and not (
+        steps.isdigit() and int(steps) >= 2
+    ):
+        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; allowed: portable, "
+                         "apart, uncompiled, loads, narrow, bulkN (N >= 2)")  # fmt: skip
     old = os.environ.get(TENSOR_CORES_ENV)
     if variant == "portable":
         os.environ[TENSOR_CORES_ENV] = "0"
     TurboQuantKVCache.packs_rows = variant != "apart"
     cuda.COMPILED = variant != "uncompiled"
+    wide_bytes = cuda.wide_bytes
+    if variant == "narrow":
+        cuda.wide_bytes = lambda: 0
+    launch.BULK_COPIES = variant not in ("loads", "narrow")
+    bulk_steps, min_bytes = launch.BULK_STEPS, launch.BULK_MIN_BYTES
+    if steps:
+        launch.BULK_STEPS, launch.BULK_MIN_BYTES = int(steps), 0
     try:
         yield
     finally:
         TurboQuantKVCache.packs_rows = True
         cuda.COMPILED = True
+        cuda.wide_bytes = wide_bytes
+        launch.BULK_COPIES = True
+        launch.BULK_STEPS, launch.BULK_MIN_BYTES = bulk_steps, min_bytes
         os.environ.pop(TENSOR_CORES_ENV, None)
         if old is not None:
             os.environ[TENSOR_CORES_ENV] = old

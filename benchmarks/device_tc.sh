@@ -37,13 +37,14 @@ case "${1:-smoke}" in
         --kinds $kinds 2>&1 | tee $OUT/step_$T.txt
     done ;;
   stalls)
-    # Where one turbo4 call's warps stall, per SASS instruction (sampling): sass.csv and
+    # Where one turbo4 call's (STALL_SCHEME) warps stall, per SASS instruction: sass.csv and
     # stalls.json, and a summary printed.
     T=${STALL_CONTEXT:-131072}
     timeout ${STALL_S:-200} /usr/local/cuda/bin/ncu --section SourceCounters \
       --section WarpStateStats --page source --print-source sass --csv \
       -k regex:turboquant_attention --launch-skip 2 -c 1 \
-      python3 benchmarks/profile_attention.py --context $T --calls 4 > $OUT/sass.csv 2> $OUT/sass.err
+      python3 benchmarks/profile_attention.py --context $T --scheme ${STALL_SCHEME:-turbo4} \
+      --calls 4 > $OUT/sass.csv 2> $OUT/sass.err
     python3 benchmarks/profile_attention.py --context $T --stalls $OUT/sass.csv \
       --json $OUT/stalls.json 2>&1 | tee $OUT/stalls.txt ;;
   ktimes)

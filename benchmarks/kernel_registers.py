@@ -22,7 +22,8 @@ import mlx.core as mx
 
 from mlx_lm_turboquant.config import parse_scheme
 from mlx_lm_turboquant.kernels import cuda, generated
-from mlx_lm_turboquant.kernels.launch import TC_THREADS
+from mlx_lm_turboquant.kernels import launch
+from mlx_lm_turboquant.kernels.launch import TC_THREADS, tensor_core_plan
 
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024  # H100; a block also reserves 1 KiB
@@ -54,27 +55,36 @@ def blocks_per_sm(registers: int, threads: int, smem: int) -> int:
     return min(by_regs, by_smem, MAX_BLOCKS_PER_SM)
 
 
-def tensor_core_source(scheme: str, D=128, n_rep=4, L=1):
+def tensor_core_source(scheme: str, D=128, n_rep=4, L=1, sm90=True):
+    """(source, dynamic shared bytes requested) of ``scheme``'s decode build: as an H100 runs it
+    (``sm90``: bulk copies, or wide table rows with ``launch.BULK_COPIES`` off), or as other
+    GPUs do (narrow rows, loads)."""
     s = parse_scheme(scheme)
     rope = (D, False) if s.centre_keys else None
-    configs = generated._tensor_core_config(D, n_rep, L, s.key_bits, s.value_bits,
-                                            cuda.SHARED_BYTES, None, True, False,
-                                            mx.bfloat16, rope)  # fmt: skip
+    args = (D, n_rep, L, s.key_bits, s.value_bits)
+    wide_bytes = cuda.WIDE_SHARED_BYTES if sm90 else 0
+    configs = generated._tensor_core_config(*args, cuda.SHARED_BYTES, None, True, False,
+                                            mx.bfloat16, rope, wide_bytes)  # fmt: skip
     if not configs:
         raise ValueError(f"{scheme}: the tensor-core kernel does not take this format")
-    return generated.cuda_source(configs[0])
+    plan = tensor_core_plan(*args, True, cuda.SHARED_BYTES, True, rope, wide_bytes,
+                            launch._bulk())  # fmt: skip
+    return generated.cuda_source(configs[0]), plan.shared_request
 
 
-def measure(scheme: str, nvcc: str, arch: str, workdir: Path) -> dict:
+def measure(scheme: str, nvcc: str, arch: str, workdir: Path, sm90=True) -> dict:
     path = workdir / f"{scheme}.cu"
-    path.write_text(tensor_core_source(scheme))
+    source, dynamic = tensor_core_source(scheme, sm90=sm90)
+    path.write_text(source)
     cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v", str(path),
            "-o", str(path.with_suffix(".cubin"))]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{scheme}: nvcc failed\n{result.stderr[-2000:]}")
     usage = ptxas_usage(result.stdout + result.stderr)
-    usage["blocks_per_sm"] = blocks_per_sm(usage["registers"], TC_THREADS, usage["smem"])
+    usage["dynamic_smem"] = dynamic
+    usage["blocks_per_sm"] = blocks_per_sm(usage["registers"], TC_THREADS,
+                                           usage["smem"] + dynamic)
     return usage
 
 
@@ -83,16 +93,22 @@ def main():
     p.add_argument("--schemes", nargs="+", default=["turbo4", "turbo3", "turbo2", "turbo4c"])
     p.add_argument("--nvcc", default=shutil.which("nvcc"), help="default: nvcc on PATH")
     p.add_argument("--arch", default="sm_90")
+    p.add_argument("--narrow", action="store_true",
+                   help="the build for GPUs before sm_90 (narrow table rows, loads)")
+    p.add_argument("--loads", action="store_true",
+                   help="sm_90's build with loads and wide table rows instead of bulk copies")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args()
     if not args.nvcc:
         sys.exit("nvcc not found: put the CUDA toolkit's bin on PATH or pass --nvcc")
+    launch.BULK_COPIES = not args.loads
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes:
-            table[scheme] = u = measure(scheme, args.nvcc, args.arch, Path(tmp))
+            table[scheme] = u = measure(scheme, args.nvcc, args.arch, Path(tmp),
+                                        not args.narrow)  # fmt: skip
             print(f"{scheme:<10} {u['registers']:>4} registers  spills {u['spill_stores']:>4} / "
-                  f"{u['spill_loads']:>4} B  smem {u['smem']:>6} B  "
+                  f"{u['spill_loads']:>4} B  smem {u['smem']:>6} + {u['dynamic_smem']:>6} B  "
                   f"{u['blocks_per_sm']} blocks per SM", flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))

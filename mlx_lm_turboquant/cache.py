@@ -333,9 +333,11 @@ class TurboQuantKVCache(_BaseCache):
                 setattr(self, name, self._grown(getattr(self, name), prev, L, like))
 
     def _grown(self, old, prev, L, like):
-        """``old`` (or nothing) with room for ``L`` more tokens after ``prev``, in steps."""
+        """``old`` (or nothing) with room for ``L`` more tokens after ``prev``: the capacity
+        grows to the next multiple of ``step``, so every head's rows start at a multiple of
+        16 rows (what the tensor-core kernel's bulk copies need to take them whole)."""
         shape = list(like.shape)
-        shape[2] = (self.step + L - 1) // self.step * self.step
+        shape[2] = -(-(prev + L) // self.step) * self.step - prev
         extra = mx.zeros(shape, like.dtype)
         return extra if old is None else mx.concatenate([old[:, :, :prev], extra], axis=2)
 

@@ -50,8 +50,11 @@ def _library(op, template, in_dtypes, out_dtypes):
         "  const int tq_tid = tq_emu_tid;\n  const int tq_bx = tq_emu_bx;\n"
         "  const int tq_by = tq_emu_by;\n  (void)tq_by;\n"
         f"{body}\n}}\n"
-        'extern "C" void tq_run(void** args, int gx, int gy, int nt) {\n'
-        f"  tq_emu_launch(gx, gy, nt, [&] {{ tq_body({casts}); }});\n}}\n"
+        'extern "C" size_t tq_run(void** args, int gx, int gy, int nt, size_t dynamic) {\n'
+        "  tq_emu_dynamic_bytes = dynamic;\n  tq_emu_dynamic_short = 0;\n"
+        "  tq_emu_misaligned = 0;\n"
+        f"  tq_emu_launch(gx, gy, nt, [&] {{ tq_body({casts}); }});\n"
+        "  return tq_emu_misaligned ? (size_t)-1 : (size_t)tq_emu_dynamic_short;\n}\n"
     )
     tag = hashlib.sha1(src.encode()).hexdigest()[:16]
     cpp, so = _BUILD / f"{op}_{tag}.cpp", _BUILD / f"{op}_{tag}.so"
@@ -62,13 +65,16 @@ def _library(op, template, in_dtypes, out_dtypes):
     if result.returncode:
         raise RuntimeError(f"emulator build of {op} failed:\n{result.stderr[:4000]}")
     lib = ctypes.CDLL(str(so))
-    lib.tq_run.argtypes = [ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_int] * 3
+    lib.tq_run.argtypes = [ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_int] * 3 + [
+        ctypes.c_size_t]
+    lib.tq_run.restype = ctypes.c_size_t
     return lib
 
 
 class EmulatedKernel:
-    def __init__(self, op):
+    def __init__(self, op, shared_memory=0):
         self.op = op
+        self.shared_memory = shared_memory
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                  init_value=None, verbose=False, stream=None):  # fmt: skip
@@ -88,7 +94,13 @@ class EmulatedKernel:
             outs.append(o)
         ptrs = (ctypes.c_void_p * (len(host) + len(outs)))(*[x.ctypes.data for x in host + outs])
         nt = threadgroup[0]
-        lib.tq_run(ptrs, grid[0] // nt, grid[1], nt)
+        short = lib.tq_run(ptrs, grid[0] // nt, grid[1], nt, self.shared_memory)
+        if short == ctypes.c_size_t(-1).value:
+            raise RuntimeError(f"{self.op}: a bulk copy with an address or size that is not a "
+                               "multiple of 16 bytes")
+        if short:
+            raise RuntimeError(f"{self.op} declares {short} bytes of dynamic shared memory; "
+                               f"the launch gave {self.shared_memory}")
         # The inputs as the kernel left them (a GPU kernel may write an input in place).
         self.inputs_after = host
         return [mx.array(o).view(d) if d == mx.bfloat16 else mx.array(o)
@@ -96,9 +108,9 @@ class EmulatedKernel:
 
 
 @lru_cache(maxsize=None)
-def kernel(op: str):
+def kernel(op: str, shared_memory: int = 0):
     """Same contract as ``cuda.kernel``: the op's kernel, here emulated on the CPU."""
-    return EmulatedKernel(op)
+    return EmulatedKernel(op, shared_memory)
 
 
 SHARED_BYTES = cuda.SHARED_BYTES

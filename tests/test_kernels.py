@@ -6,6 +6,7 @@ real launch code; ``test_kernels_gpu.py`` holds the same checks on a GPU.
 """
 
 import copy
+import itertools
 import shutil
 import types
 import warnings
@@ -18,7 +19,7 @@ import pytest
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.codec import get_codec
 from mlx_lm_turboquant.codec.packing import token_rows
-from mlx_lm_turboquant.kernels import launch, source
+from mlx_lm_turboquant.kernels import cuda, launch, source
 from mlx_lm_turboquant.kernels.reference import reference_sdpa
 
 T = 300  # three tiles of 128 tokens, the last one partial
@@ -109,7 +110,7 @@ def _stub_kernels(seen=None):
     ``(op, inputs)`` to ``seen`` if given (one launch object per op, as the backends keep)."""
 
     @lru_cache(maxsize=None)
-    def kernel(op):
+    def kernel(op, shared_memory=0):
         def launch_(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
             if seen is not None:
                 seen.append((op, inputs))
@@ -275,32 +276,53 @@ def test_emulated_attention_parity(monkeypatch, scheme, D, n_rep, L, mask, sinks
     assert mx.array_equal(other, fused)
 
 
+# The builds of the tensor-core kernel: on sm_90 and later (cuda.wide_bytes) token rows by
+# bulk copies ("bulk", taken by rows of any size here), or loaded with wide table rows
+# (256 bytes, "wide", 4-bit codes); on other GPUs loaded with narrow rows ("narrow").
+WIDE = cuda.WIDE_SHARED_BYTES
+
+
+def _build(monkeypatch, build):
+    """wide_bytes for ``build``, with launch's bulk-copy settings to match."""
+    monkeypatch.setattr(launch, "BULK_COPIES", build == "bulk")
+    monkeypatch.setattr(launch, "BULK_MIN_BYTES", 0)
+    return 0 if build == "narrow" else WIDE
+
+
 @needs_gxx
 @pytest.mark.parametrize(
-    "scheme, D, n_rep, L, mask, sinks",
+    "scheme, D, n_rep, L, mask, sinks, build",
     [
-        ("turbo4", 128, 4, 1, None, False),
-        ("turbo3", 128, 2, 4, "causal", True),  # value codes straddle words (48 bits each)
-        ("turbo2v4", 64, 8, 1, "additive", False),  # separate key / value tables
-        ("turbo3v2", 64, 1, 4, "bool", True),  # key codes straddle words
-        ("turbo4v3", 128, 4, 2, "causal", False),  # 8 rows: every row of the tile in use
+        ("turbo4", 128, 4, 1, None, False, "bulk"),
+        ("turbo4", 128, 4, 1, None, False, "wide"),  # a byte of codes is a table address
+        ("turbo4", 128, 4, 1, None, False, "narrow"),
+        ("turbo3", 128, 2, 4, "causal", True, "bulk"),  # value codes straddle words (48 bits)
+        ("turbo3", 128, 2, 4, "causal", True, "narrow"),
+        ("turbo2v4", 64, 8, 1, "additive", False, "wide"),  # values' table in the top halves
+        ("turbo2v4", 64, 8, 1, "additive", False, "narrow"),  # separate key / value tables
+        ("turbo3v2", 64, 1, 4, "bool", True, "bulk"),  # key codes straddle words
+        ("turbo4v3", 128, 4, 2, "causal", False, "bulk"),  # 8 rows: every row of the tile
+        ("turbo4v3", 128, 4, 2, "causal", False, "wide"),
     ],
 )
-def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, sinks):
+def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, sinks, build):
     """The tensor-core kernel (mma emulated with the PTX ISA's fragment layout) against the
     float32 attention, its pure-MLX twin and the portable kernel."""
     import kernel_emulator as emu
 
     monkeypatch.setattr(launch, "TARGET_BLOCKS", 4)  # long spans: each warp takes many steps
+    wide = _build(monkeypatch, build)
     n_kv = 2
     cache, keys, values = _cache(scheme, D, n_kv, seed=D + 3 * L, dtype=mx.bfloat16)
-    op, _ = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,
-                         cache.keys.dtype, n_rep, L, D, True, True)  # fmt: skip
+    op, plan = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,
+                            cache.keys.dtype, n_rep, L, D, True, True, None, wide,
+                            launch._bulk())  # fmt: skip
     assert op == "attention_tc" and cache.packed is not None
+    assert (plan.BULK > 0, plan.WIDE) == (build == "bulk", build == "wide")
     q = (mx.random.normal((1, n_kv * n_rep, L, D)) * 3.0).astype(mx.bfloat16)
     mask, s, exact = _mask_sinks_exact(q, keys, values, mask, sinks)
     run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
-                  mask=mask, sinks=s)  # fmt: skip
+                  mask=mask, sinks=s, wide_bytes=wide)  # fmt: skip
     fused, portable = run(tensor_cores=True), run(tensor_cores=False)
     twin = reference_sdpa(q, cache, D**-0.5, mask=mask, sinks=s)
     assert fused.dtype == q.dtype and not mx.isnan(fused).any()
@@ -311,8 +333,58 @@ def test_emulated_tensor_core_attention(monkeypatch, scheme, D, n_rep, L, mask, 
     assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin
     assert _rms(portable, twin.astype(mx.float32)) < 0.05 * e_twin
     apart = launch.decode_attention(emu.kernel, emu.SHARED_BYTES, q, _apart(cache), D**-0.5,
-                                    mask=mask, sinks=s, tensor_cores=True)  # fmt: skip
+                                    mask=mask, sinks=s, tensor_cores=True,
+                                    wide_bytes=wide)  # fmt: skip
     assert mx.array_equal(apart, fused)
+
+
+@needs_gxx
+def test_emulated_tensor_core_kernel_needs_its_dynamic_shared_memory(monkeypatch):
+    """The launch sizes the kernel's table space (dynamic shared memory) from the plan; a
+    launch that gave less would read past it on a GPU, and the emulator says so."""
+    import kernel_emulator as emu
+
+    cache, _, _ = _cache("turbo4", 64, 1, dtype=mx.bfloat16)
+    q = mx.random.normal((1, 4, 1, 64)).astype(mx.bfloat16)
+
+    def short(op, shared_memory=0):
+        return emu.kernel(op, shared_memory // 2)
+
+    for build in ("bulk", "wide", "narrow"):
+        wide = _build(monkeypatch, build)
+        with pytest.raises(RuntimeError, match="dynamic shared memory"):
+            launch.decode_attention(short, emu.SHARED_BYTES, q, cache, 0.125, tensor_cores=True,
+                                    wide_bytes=wide)  # fmt: skip
+
+
+@needs_gxx
+def test_emulated_bulk_copies_of_a_buffer_of_any_capacity(monkeypatch):
+    """Bulk copies need 16-byte addresses and sizes: a cache's rows (33 words at D = 128)
+    meet that for every head where its capacity is a multiple of 4 rows, as the cache keeps
+    it; any other capacity (a view of the buffer here) has the lanes copy the rows instead,
+    with the same result. The emulator raises on a misaligned copy."""
+    import kernel_emulator as emu
+
+    monkeypatch.setattr(launch, "TARGET_BLOCKS", 4)
+    monkeypatch.setattr(launch, "MIN_SPAN", 0)
+    wide = _build(monkeypatch, "bulk")
+    cache, keys, values = _cache("turbo4", 128, 3, dtype=mx.bfloat16)
+    assert cache.packed.shape[2] % 256 == 0 and T % 16  # the cache's own capacity
+    q = mx.random.normal((1, 12, 1, 128)).astype(mx.bfloat16)
+    run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, tensor_cores=True,
+                  wide_bytes=wide)  # fmt: skip
+
+    def loaded(c):  # the same arithmetic with the rows loaded (narrow build), bit for bit
+        monkeypatch.setattr(launch, "BULK_COPIES", False)
+        out = run(c, 128**-0.5, wide_bytes=0)
+        monkeypatch.setattr(launch, "BULK_COPIES", True)
+        return out
+
+    assert mx.array_equal(run(cache, 128**-0.5), loaded(cache))
+    for capacity in (T, T + 1, T + 2, T + 3):  # T + 1..: some heads' rows misaligned
+        view = copy.deepcopy(cache)
+        view.packed = view.packed[:, :, :capacity]
+        assert mx.array_equal(run(view, 128**-0.5), loaded(view)), capacity
 
 
 @needs_gxx
@@ -364,6 +436,7 @@ def test_emulated_tensor_core_merge_over_many_spans(monkeypatch, tokens):
 
     monkeypatch.setattr(launch, "TARGET_BLOCKS", 4096)
     monkeypatch.setattr(launch, "MIN_SPAN", 0)  # one 64-token tile per span
+    _build(monkeypatch, "bulk")
     mx.random.seed(7)
     D, n_kv, n_rep = 64, 2, 4
     keys = (mx.random.normal((1, n_kv, tokens, D)) * 2.0).astype(mx.bfloat16)
@@ -373,9 +446,13 @@ def test_emulated_tensor_core_merge_over_many_spans(monkeypatch, tokens):
     q = mx.random.normal((1, n_kv * n_rep, 1, D)).astype(mx.bfloat16)
     _, s, exact = _mask_sinks_exact(q, keys, values, None, True)
     run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
-                  sinks=s)  # fmt: skip
+                  sinks=s, wide_bytes=WIDE)  # fmt: skip
     fused = run(tensor_cores=True)
-    kernel = emu.kernel("attention_tc")
+    _, plan = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,
+                           mx.uint32, n_rep, 1, D, True, True, None, WIDE,
+                           launch._bulk())  # fmt: skip
+    assert plan.BULK  # as on an H100
+    kernel = emu.kernel("attention_tc", plan.shared_request)
     meta = kernel.inputs_after[source.ATTENTION_TC_INPUTS.index("meta")]
     assert meta[2] > 32  # spans
     counter = kernel.inputs_after[source.ATTENTION_TC_INPUTS.index("counter")]
@@ -414,6 +491,63 @@ def test_tensor_core_plan_limits():
     assert launch.tensor_core_plan(128, 4, 1, 8, 4, True, shared) is None  # 8-bit keys
     # two 4-bit tables (different codebooks) do not fit next to each other
     assert launch.tensor_core_plan(128, 4, 1, 4, 4, False, shared) is None
+    # in wide rows they share the rows (keys low, values high), within the wide budget
+    wide = launch.tensor_core_plan(128, 4, 1, 4, 4, False, shared, wide_bytes=WIDE)
+    assert wide.WIDE and not wide.SAME_TABLE and wide.table_words == 256 * 64
+    same = launch.tensor_core_plan(128, 4, 1, 4, 4, True, shared, wide_bytes=WIDE)
+    assert same.WIDE and same.table_words == 256 * 64 and plan.table_words == 256 * 32
+    assert launch.tensor_core_plan(128, 4, 1, 4, 4, True, shared, wide_bytes=64 * 1024) == plan
+    assert ("WIDE", True) in same.template(mx.float16, 0.1)  # a kernel instance of its own
+
+
+def test_bulk_copies_where_a_steps_rows_are_large():
+    """On sm_90 the rule measured on the H100: 4-bit codes at D = 128 (2112 bytes a step)
+    take bulk copies 2 steps ahead; smaller rows are loaded, 4-bit ones with wide tables;
+    without bulk copies (BULK_COPIES off) 4-bit codes get wide tables."""
+    def plan(D, kb, vb, bulk=None, rope=None):
+        bulk = launch._bulk() if bulk is None else bulk
+        return launch.tensor_core_plan(D, 4, 1, kb, vb, True, 48 * 1024, True, rope, WIDE, bulk)
+
+    assert (plan(128, 4, 4).BULK, plan(128, 4, 4).WIDE) == (2, False)
+    assert plan(128, 4, 4, rope=(128, False)).BULK == 2  # turbo4c
+    assert (plan(128, 3, 3).BULK, plan(128, 3, 3).WIDE) == (0, False)
+    assert (plan(128, 2, 2).BULK, plan(128, 2, 2).WIDE) == (0, False)
+    assert (plan(64, 4, 4).BULK, plan(64, 4, 4).WIDE) == (0, True)
+    assert (plan(128, 4, 2).BULK, plan(128, 4, 2).WIDE) == (0, True)
+    assert (plan(128, 4, 4, (0, 0)).BULK, plan(128, 4, 4, (0, 0)).WIDE) == (0, True)
+    assert plan(128, 2, 2, (3, 0)).BULK == 3  # rows of any size where asked
+
+
+def test_shared_memory_requests_let_every_plan_launch():
+    """mlx raises a kernel's shared memory limit only when its dynamic part is above 48000
+    bytes: a plan whose static and dynamic parts pass 48 KiB together asks for more (on the
+    H100, turbo2 at D = 128 with 8 rows failed to launch before)."""
+    for D, n_rep, L, kb, vb, rope, bulk in itertools.product(
+        (64, 128), (1, 4, 8), (1, 2), (2, 3, 4), (2, 3, 4), (None, "full"),
+        ((2, 2048), (0, 0), (4, 0), (8, 0)),
+    ):
+        rope = (D, False) if rope else None
+        plan = launch.tensor_core_plan(D, n_rep, L, kb, vb, True, 48 * 1024, True, rope, WIDE,
+                                       bulk)  # fmt: skip
+        if plan is None:
+            continue
+        need = 4 * (plan.dynamic_words + plan.static_words)
+        assert need <= WIDE and plan.shared_request >= 4 * plan.dynamic_words
+        assert plan.shared_request > 48000 or need <= 48 * 1024, plan
+    plan = launch.tensor_core_plan(128, 8, 1, 2, 2, True, 48 * 1024, True, None, WIDE, (7, 0))
+    assert plan.BULK == 7 and plan.shared_request == 48016
+
+
+def test_wide_rows_only_on_the_gpus_measured(monkeypatch):
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    for info, expect in (({"architecture": "sm_90"}, WIDE), ({"architecture": "sm_90a"}, WIDE),
+                         ({"architecture": "sm_86"}, 0), ({"architecture": "sm_100"}, WIDE),
+                         ({"compute_capability_major": 9, "compute_capability_minor": 0}, WIDE),
+                         ({"device_name": "?"}, 0)):  # fmt: skip
+        monkeypatch.setattr(mx, "device_info", lambda: info)
+        cuda.wide_bytes.cache_clear()
+        assert cuda.wide_bytes() == expect, info
+    cuda.wide_bytes.cache_clear()
 
 
 def test_centred_plans():
@@ -479,9 +613,9 @@ def test_emulated_centred_attention(monkeypatch, scheme, D, n_rep, L, rope, mask
     twin = reference_sdpa(q, cache, D**-0.5, mask=mask)
     e_twin = _rms(twin, exact)
     run = partial(launch.decode_attention, emu.kernel, emu.SHARED_BYTES, q, cache, D**-0.5,
-                  mask=mask)  # fmt: skip
+                  mask=mask, wide_bytes=WIDE)  # fmt: skip
     tc_plan = launch._plan(emu.kernel, emu.SHARED_BYTES, cache.key_codec, cache.value_codec,
-                           mx.uint32, n_rep, L, D, True, True, rope)[0]  # fmt: skip
+                           mx.uint32, n_rep, L, D, True, True, rope, WIDE)[0]  # fmt: skip
     assert tc_plan == ("attention_tc" if D in (64, 128) and n_rep * L <= 8 and
                        cache.key_codec.bits <= 4 else "attention")  # fmt: skip
     for tensor_cores in (True, False):

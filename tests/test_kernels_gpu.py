@@ -147,6 +147,56 @@ def test_tensor_cores_take_the_shapes_they_cover(scheme, expected):
     assert op == expected
 
 
+@pytest.mark.skipif(BACKEND is None or BACKEND.NAME != "cuda", reason="CUDA only")
+def test_mlx_reports_the_architecture_that_picks_the_table_rows():
+    """cuda.wide_bytes reads the architecture from mx.device_info: it must be there, or an
+    H100 would silently get the narrow rows."""
+    arch = mx.device_info().get("architecture")
+    assert isinstance(arch, str) and arch.startswith("sm_"), mx.device_info()
+    assert (BACKEND.wide_bytes() > 0) == (arch.rstrip("a") in BACKEND._WIDE_ARCHS)
+
+
+@pytest.mark.skipif(BACKEND is None or BACKEND.NAME != "cuda", reason="CUDA only")
+@pytest.mark.parametrize("L", [1, 4])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2v4", "turbo4v3", "turbo4c"])
+def test_tensor_core_kernel_with_narrow_table_rows(monkeypatch, scheme, D, L):
+    """The narrow rows (128 bytes per entry: GPUs other than sm_90 / sm_100), run here by
+    hand: the same parity as the wide ones."""
+    monkeypatch.setattr(BACKEND, "wide_bytes", lambda: 0)
+    seed = SEED + hash((scheme, D, L, "narrow")) % 100_000
+    frame = _frame(D, "full") if scheme.endswith("c") else None
+    fused, twin, exact = _case(scheme, D, 4, L, mx.bfloat16, seed, frame=frame,
+                               mask="causal" if L > 1 else None)  # fmt: skip
+    e_twin = _rms(twin, exact)
+    assert _rms(fused, exact) <= 2 * e_twin + 1e-6, seed
+    assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin, seed
+
+
+@pytest.mark.skipif(BACKEND is None or BACKEND.NAME != "cuda", reason="CUDA only")
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2"])
+def test_bulk_copies_of_a_buffer_of_any_capacity(monkeypatch, scheme):
+    """On sm_90 the rows come by bulk copies where their address and size are multiples of
+    16 bytes and by the lanes' loads elsewhere (views of odd capacities here): the same
+    result as the loads of the narrow build. Bulk copies for rows of any size here."""
+    monkeypatch.setattr(launch, "BULK_MIN_BYTES", 0)
+    mx.random.seed(SEED)
+    keys, values = (mx.random.normal((1, 3, T, 128)).astype(mx.bfloat16) for _ in "kv")
+    q = mx.random.normal((1, 12, 1, 128)).astype(mx.bfloat16)
+    cache = TurboQuantKVCache(scheme)
+    cache.update_and_fetch(keys, values)
+    for capacity in (T, T + 1, T + 2, T + 3, cache.packed.shape[2]):
+        view = TurboQuantKVCache(scheme)
+        view.update_and_fetch(keys[:, :, :1], values[:, :, :1])  # codecs, then the rows
+        view.packed, view.offset = cache.packed[:, :, :capacity], T
+        bulk = BACKEND.decode_attention(q, view, 128**-0.5)
+        with monkeypatch.context() as m:
+            m.setattr(BACKEND, "wide_bytes", lambda: 0)
+            loaded = BACKEND.decode_attention(q, view, 128**-0.5)
+        diff = float(mx.abs(bulk.astype(mx.float32) - loaded.astype(mx.float32)).max())
+        assert diff < 1e-2, (capacity, diff)
+
+
 @pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2v4", "turbo0v4", "turbo8v2"])
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
 @pytest.mark.parametrize("sinks", [False, True])

@@ -15,6 +15,8 @@ HEADER = r"""
 #define TQ_SHARED __shared__
 #define TQ_SHARED_PTR(T) T*
 #define TQ_ALIGN16 __align__(16)
+// Shared memory sized at launch (mx.fast.cuda_kernel's shared_memory); n is its words.
+#define TQ_DYNAMIC_SHARED(T, name, n) extern __shared__ __align__(16) T name[]; (void)(n)
 #define TQ_BARRIER() __syncthreads()
 #define TQ_UNROLL _Pragma("unroll")
 #define TQ_UNROLL8 _Pragma("unroll 8")
@@ -82,9 +84,19 @@ __device__ __forceinline__ uint32_t tq_lds(tq_saddr_t a) {
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
   return v;
 }
+// a, which every lane of the warp holds, marked as such for the compiler (a shuffle from
+// lane 0): it then keeps a in a uniform register, which a shared load adds to its address
+// for free (an extra add per load otherwise).
+__device__ __forceinline__ tq_saddr_t tq_uniform_addr(tq_saddr_t a) {
+  return __shfl_sync(0xffffffffu, a, 0);
+}
 // Byte k (0 = lowest) of w.
 __device__ __forceinline__ uint32_t tq_byte(uint32_t w, int k) {
   return __byte_perm(w, 0u, 0x4440 + k);
+}
+// (byte k of w) << 8 | lane_off (< 256): a lane's offset of a table entry in 256-byte rows.
+__device__ __forceinline__ uint32_t tq_pair_addr(uint32_t w, int k, uint32_t lane_off) {
+  return __byte_perm(w, lane_off, 0x5504 | (k << 4));
 }
 // Cross-block hand-off (the tensor-core kernel's fused merge): a device-wide fence, a
 // counter that kernels only read in mlx's terms (inputs are const), and loads that skip the
@@ -101,6 +113,38 @@ __device__ __forceinline__ float4 tq_load_cg4(const float4* p) { return __ldcg(p
 // A hint: bring the 128-byte line at p into L2 (no register waits on it).
 __device__ __forceinline__ void tq_prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(p));
+}
+// Bulk copies (sm_90's copy engine, TMA) of a warp's token rows into shared memory, each
+// completing on a barrier of its own (mbarrier): one instruction moves a step's rows, where
+// loads by every lane spent the SM's load pipe. Addresses and sizes are multiples of 16.
+__device__ __forceinline__ void tq_warp_sync() { __syncwarp(); }
+__device__ __forceinline__ void tq_bar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" : : "r"(tq_shared_addr((uint32_t*)bar)));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // for the copy engine
+}
+__device__ __forceinline__ void tq_bar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"
+               : : "r"(tq_shared_addr((uint32_t*)bar)) : "memory");
+}
+__device__ __forceinline__ void tq_bulk_copy(uint32_t* dst, const uint32_t* src, uint32_t bytes,
+                                             uint64_t* bar) {
+  const uint32_t b = tq_shared_addr((uint32_t*)bar);
+  // shared memory this warp read or wrote before is the copy engine's to write now
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               : : "r"(b), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1], %2, [%3];"
+               : : "r"(tq_shared_addr(dst)), "l"(src), "r"(bytes), "r"(b) : "memory");
+}
+// Waits until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void tq_bar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t b = tq_shared_addr((uint32_t*)bar);
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(b), "r"(parity) : "memory");
+  }
 }
 // v into the four words at p (16-byte aligned), one 128-bit store.
 __device__ __forceinline__ void tq_fill4(uint32_t* p, uint32_t v) {
@@ -127,6 +171,25 @@ PRELUDE = r"""
 # Static shared memory a block may use without opting in to more.
 SHARED_BYTES = 48 * 1024
 
+# Shared memory a block of the tensor-core kernel may take for wide table rows (twice the
+# table space, one instruction less per table lookup): on GPUs whose SMs have 228 KiB
+# (compute capability 9.0 and 10.x), three such blocks fit beside their 1 KiB reserves, as
+# many as the kernel's registers allow. Measured on the H100 only; elsewhere narrow rows.
+WIDE_SHARED_BYTES = 75 * 1024
+_WIDE_ARCHS = ("sm_90", "sm_100", "sm_101", "sm_103")
+
+
+@lru_cache(maxsize=None)
+def wide_bytes() -> int:
+    """WIDE_SHARED_BYTES on a GPU listed in _WIDE_ARCHS (mlx's device_info), else 0."""
+    if not available():
+        return 0
+    info = mx.device_info()
+    arch = info.get("architecture")
+    if not isinstance(arch, str) and "compute_capability_major" in info:
+        arch = f"sm_{info['compute_capability_major']}{info.get('compute_capability_minor', 0)}"
+    return WIDE_SHARED_BYTES if str(arch).lower().rstrip("a") in _WIDE_ARCHS else 0
+
 # Decode builds the same few launches per layer at every step: replaying them (attention
 # and the encode of new tokens) from an mx.compile graph cuts the host time per layer
 # (measured on the H100).
@@ -138,8 +201,9 @@ def available() -> bool:
 
 
 @lru_cache(maxsize=None)
-def kernel(op: str):
-    """The ``mx.fast.cuda_kernel`` for ``op`` (a key of ``source.OPS``), or None without CUDA."""
+def kernel(op: str, shared_memory: int = 0):
+    """The ``mx.fast.cuda_kernel`` for ``op`` (a key of ``source.OPS``), or None without CUDA.
+    ``shared_memory``: bytes of dynamic shared memory per block (``TQ_DYNAMIC_SHARED``)."""
     if not available():
         return None
     body, inputs, outputs = OPS[op]
@@ -149,12 +213,14 @@ def kernel(op: str):
         output_names=list(outputs),
         source=PRELUDE + body,
         header=HEADER,
+        shared_memory=shared_memory,
     )
 
 
 def decode_attention(queries, cache, scale, mask=None, sinks=None):
     return launch.decode_attention(
-        kernel, SHARED_BYTES, queries, cache, scale, mask, sinks, compiled=COMPILED
+        kernel, SHARED_BYTES, queries, cache, scale, mask, sinks, compiled=COMPILED,
+        wide_bytes=wide_bytes(),
     )
 
 

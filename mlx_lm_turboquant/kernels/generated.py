@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import mlx.core as mx
 
-from . import cuda, metal
+from . import cuda, launch, metal
 from .launch import attention_plan, tensor_core_plan
 from .source import CUDA_ONLY, OPS
 
@@ -168,8 +168,11 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
 
 
 def _tensor_core_config(D, n_rep, L, key_bits, value_bits, shared, mask, packed=False,
-                        sinks=False, q_dtype=mx.float16, rope=None):  # fmt: skip
-    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, True, shared, packed, rope)
+                        sinks=False, q_dtype=mx.float16, rope=None, wide_bytes=0,
+                        same_table=True, bulk=None):  # fmt: skip
+    bulk = launch._bulk() if bulk is None else bulk
+    plan = tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared, packed, rope,
+                            wide_bytes, bulk)  # fmt: skip
     if plan is None:
         return []
     R = plan.R
@@ -240,15 +243,25 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
             (128, 4, 2, 4, 3, None, False, mx.float16),
             (64, 2, 4, 3, 2, "causal", False, mx.bfloat16),
         ]
+        # The builds for sm_90 and later (bulk copies of token rows; wide table rows where
+        # the rows are loaded) and for other GPUs (narrow rows, loads).
+        wide = cuda.WIDE_SHARED_BYTES
         for D, n_rep, L, kb, vb, mask, sinks, q_dtype in tc_cases:
-            for packed in (False, True):
+            for packed, rows, bulk in ((False, 0, None), (True, 0, None), (True, wide, (2, 0)),
+                                       (True, wide, (0, 0)), (False, wide, None)):  # fmt: skip
                 out += _tensor_core_config(D, n_rep, L, kb, vb, shared, mask, packed, sinks,
-                                           q_dtype)  # fmt: skip
+                                           q_dtype, wide_bytes=rows, bulk=bulk)  # fmt: skip
+        # Separate key and value tables (the value table in the upper half of wide rows).
+        out += _tensor_core_config(128, 4, 1, 4, 4, shared, None, True, wide_bytes=wide,
+                                   same_table=False)  # fmt: skip
+        out += _tensor_core_config(64, 4, 1, 2, 4, shared, None, True, wide_bytes=wide,
+                                   same_table=False)  # fmt: skip
         for D, n_rep, L, kb, vb, rope in ((128, 4, 1, 4, 4, (128, False)),
                                           (64, 8, 1, 3, 3, (64, True)),
                                           (128, 2, 4, 4, 3, (64, False))):  # fmt: skip
-            out += _tensor_core_config(D, n_rep, L, kb, vb, shared, "causal", True, False,
-                                       mx.bfloat16, rope)  # fmt: skip
+            for rows in (0, wide):
+                out += _tensor_core_config(D, n_rep, L, kb, vb, shared, "causal", True, False,
+                                           mx.bfloat16, rope, rows)  # fmt: skip
     assert backend == "cuda" or not any(c.op in CUDA_ONLY for c in out)
     seen, unique = set(), []
     for c in out:

@@ -8,7 +8,7 @@ the pure-MLX path), never a wrong answer.
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, NamedTuple, Optional
 
@@ -24,6 +24,16 @@ MAX_ROWS = 64  # query rows sharing one KV head in one block (n_rep * L)
 TARGET_BLOCKS = 384
 MIN_SPAN = 512
 PREFETCH_WORDS = 48  # registers per thread holding the next tile
+# On sm_90 and later the tensor-core kernel's warps take their token rows by bulk copies
+# into shared memory, BULK_STEPS steps ahead (source.ATTENTION_TC), where a step's 16 rows
+# are at least BULK_MIN_BYTES: on the H100, 4-bit codes at D = 128 (2112 bytes a step)
+# gained (turbo4 67.0 -> 64.7 us at 128k tokens, turbo4c 118.7 -> 96.2 us) and 2- and 3-bit
+# codes lost (turbo2 63.1 -> 67.8, turbo3 77.5 -> 81.2); 2 steps ahead was as fast as 3
+# or 4 for turbo4 and faster for turbo4c (docs/kernels.md). BULK_COPIES False: loads, as on
+# other GPUs (e.g. to compare). All read at every call.
+BULK_COPIES = True
+BULK_STEPS = 2
+BULK_MIN_BYTES = 2048
 _NEG = -1e30  # a masked score, as in reference.py
 TENSOR_CORES_ENV = "MLX_TQ_TENSOR_CORES"
 
@@ -171,15 +181,45 @@ class TensorCorePlan(_KernelPlan):
     RDIMS: int = 0
     RTRAD: bool = False
     PREFETCH: bool = False  # token rows requested into L2 ahead of the loop (source.ATTENTION_TC)
+    WIDE: bool = False  # table rows of 256 bytes: a byte of codes is an address (ATTENTION_TC)
+    BULK: int = 0  # steps of token rows each warp has in flight by bulk copies (0: loads)
     TILE = TC_TILE
     Q_SH = True
 
     @property
     def table_words(self) -> int:
-        """32-bit words of the block's table space (``big_sh`` in ``source.ATTENTION_TC``):
-        the centroid-pair tables, later the warps' results, then the merge's arrays."""
-        tables = (1 << 2 * self.KBITS) + (0 if self.SAME_TABLE else 1 << 2 * self.VBITS)
-        return max(32 * tables, (self.NT // 32) * (self.R * self.D + 2 * self.R))
+        """32-bit words of the block's table space (``big_sh`` in ``source.ATTENTION_TC``, its
+        dynamic shared memory): the centroid-pair tables, later the warps' results, then the
+        merge's arrays. Wide rows hold the value table beside the keys' (upper 128 bytes)."""
+        ktab = 1 << 2 * self.KBITS
+        vtab = 0 if self.SAME_TABLE else 1 << 2 * self.VBITS
+        tables = 64 * max(ktab, vtab) if self.WIDE else 32 * (ktab + vtab)
+        return max(tables, (self.NT // 32) * (self.R * self.D + 2 * self.R))
+
+    @property
+    def dynamic_words(self) -> int:
+        """32-bit words of the kernel's dynamic shared memory: the table space, then with
+        BULK each warp's stage buffers (BULK steps of 16 token rows)."""
+        stages = (self.NT // 32) * self.BULK * 16 * (self.WK + self.WV + 1)
+        return self.table_words + stages
+
+    @property
+    def static_words(self) -> int:
+        """32-bit words of its static shared memory, at most: the query (q_sh), its rows'
+        maxima (qmax_sh), zmax_sh and c0_sh, the centroids (cent_sh), the copies' barriers,
+        and for centring the B fragments (ctab_sh) and the per-step turns (dstep_sh)."""
+        words = self.D * self.R + 3 * self.R + 32 + 2 * (self.NT // 32) * max(self.BULK, 1)
+        return words + (2 * (self.RDIMS // 16) * 64 + self.RDIMS if self.CENTRED else 4)
+
+    @property
+    def shared_request(self) -> int:
+        """Bytes of dynamic shared memory to launch it with: its dynamic words, or more
+        than 48000 where static and dynamic pass 48 KiB together (mlx lets a kernel take
+        more than 48 KiB only when its dynamic part alone is above 48000 bytes)."""
+        dynamic = 4 * self.dynamic_words
+        if dynamic <= 48000 < 4 * (self.dynamic_words + self.static_words):
+            return 48016
+        return dynamic
 
     @property
     def max_splits(self) -> int:
@@ -191,12 +231,17 @@ class TensorCorePlan(_KernelPlan):
 
 @lru_cache(maxsize=None)
 def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes,
-                     packed=False, rope=None):  # fmt: skip
+                     packed=False, rope=None, wide_bytes=0, bulk=(0, 0)):  # fmt: skip
     """The tensor-core kernel's configuration, or None where it does not apply (the portable
     kernel then runs): head dims 64 or 128, up to 8 query rows per KV head, 2- to 4-bit
     codes for keys and values (8-bit and float keys need more precision than fp16 inputs to
     the tensor cores keep; prod and split formats never reach the kernels); a centred
-    cache's RoPE must turn a multiple of 16 channels (whole k-chunks of pairs)."""
+    cache's RoPE must turn a multiple of 16 channels (whole k-chunks of pairs).
+    ``wide_bytes``: shared memory a block may take on a GPU of sm_90 or later (0: another
+    one): with ``bulk`` = (steps, min_bytes), token rows arrive by bulk copies that many
+    steps ahead (``BULK``) where a step's rows are at least min_bytes (steps 0: never; see
+    BULK_STEPS), else with 4-bit codes the tables take wide rows (``WIDE``, twice the
+    table space); otherwise narrow rows and loads, within ``shared_bytes``."""
     R = n_rep * L
     centring = _rope_fields(rope, D, 16)
     if centring is None:
@@ -214,12 +259,15 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
     plan = TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
                           D * key_bits // 32, D * value_bits // 32, same, packed,
                           *centring, prefetch)  # fmt: skip
-    # Shared memory: the table space, the query (q_sh), its rows' maxima (qmax_sh), and for
-    # centring the B fragments (ctab_sh), the per-step turns (dstep_sh), zmax_sh and c0_sh.
-    words = plan.table_words + D * R + 3 * R
-    if centring[0]:
-        words += 2 * (centring[1] // 16) * 64 + centring[1]
-    return plan if 4 * words <= shared_bytes else None
+    options = [replace(plan, WIDE=True)] if 4 in (key_bits, value_bits) else []
+    steps, min_bytes = bulk
+    if packed and steps and 16 * 4 * (plan.WK + plan.WV + 1) >= min_bytes:
+        # fewer steps where shared memory is short (at least 2: one landing, one in use)
+        options[:0] = [replace(plan, BULK=n, PREFETCH=False) for n in range(steps, 1, -1)]
+    for option in options if wide_bytes else []:
+        if 4 * (option.dynamic_words + option.static_words) <= wide_bytes:
+            return option
+    return plan if 4 * (plan.dynamic_words + plan.static_words) <= shared_bytes else None
 
 
 def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None,
@@ -369,7 +417,7 @@ class _Launch(NamedTuple):
 
 
 def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, tensor_cores,
-          packed, rope=None):  # fmt: skip
+          packed, rope=None, wide_bytes=0, bulk=(0, 0)):  # fmt: skip
     """(op, plan): the tensor-core kernel where it applies and the backend has it, else the
     portable one; (None, None) where neither covers the shapes."""
     # The tensor-core kernel rotates by Walsh-Hadamard transforms from the rotations' signs.
@@ -378,7 +426,7 @@ def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, 
             and kernel("attention_tc") is not None:  # fmt: skip
         same = key_codec.codebook is value_codec.codebook
         plan = tensor_core_plan(D, n_rep, L, key_codec.bits, value_codec.bits, same,
-                                shared_bytes, packed, rope)  # fmt: skip
+                                shared_bytes, packed, rope, wide_bytes, bulk)  # fmt: skip
         if plan is not None:
             return "attention_tc", plan
     if kernel("attention") is None:
@@ -392,13 +440,13 @@ def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, 
 @lru_cache(maxsize=4096)  # a few entries per layer: decode looks its layer up every step
 def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads, B, n_q_heads,
             L, D, q_dtype, scale, mode, mb, mh, ml, has_sinks, compiled, tensor_cores,
-            packed, rope=None):  # fmt: skip
+            packed, rope=None, wide_bytes=0, bulk=(0, 0)):  # fmt: skip
     _count_build()
     if kernel("reduce") is None or n_q_heads % n_kv_heads:
         return None
     n_rep = n_q_heads // n_kv_heads
     op, plan = _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D,
-                     tensor_cores, packed, rope)  # fmt: skip
+                     tensor_cores, packed, rope, wide_bytes, bulk)  # fmt: skip
     if plan is None:
         return None
     BH = B * n_kv_heads
@@ -419,7 +467,7 @@ def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads,
 
 def decode_attention(
     kernel, shared_bytes, queries, cache, scale, mask=None, sinks=None, compiled=False,
-    tensor_cores=None,
+    tensor_cores=None, wide_bytes=0,
 ):
     """Fused attention of ``queries`` ``[B, H_q, L, D]`` over a TurboQuantKVCache.
 
@@ -427,7 +475,9 @@ def decode_attention(
     covered (see :func:`attention_plan`) or the backend is missing. With ``compiled`` the
     two launches are replayed from an ``mx.compile`` graph when no mask array is given,
     which saves most of the host time of a decode step. ``tensor_cores`` (default: the
-    ``MLX_TQ_TENSOR_CORES`` setting) lets the tensor-core kernel run where it applies.
+    ``MLX_TQ_TENSOR_CORES`` setting) lets the tensor-core kernel run where it applies;
+    ``wide_bytes`` is its shared memory per block on sm_90 and later, for bulk copies or
+    wide table rows (see :func:`tensor_core_plan`; the backend knows its device).
     """
     B, n_q_heads, L, D = queries.shape
     if cache.v_dim != D:
@@ -449,7 +499,7 @@ def decode_attention(
         n_kv_heads, B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
         sinks is not None, compiled and mask_arr is None,
         tensor_cores_enabled() if tensor_cores is None else tensor_cores, packed is not None,
-        None if frame is None else (frame.dims, frame.traditional),
+        None if frame is None else (frame.dims, frame.traditional), wide_bytes, _bulk(),
     )  # fmt: skip
     if setup is None:
         return None
@@ -484,17 +534,23 @@ def decode_attention(
     return out
 
 
+def _bulk() -> tuple:
+    """``tensor_core_plan``'s ``bulk`` from BULK_COPIES, BULK_STEPS and BULK_MIN_BYTES."""
+    return (BULK_STEPS, BULK_MIN_BYTES) if BULK_COPIES else (0, 0)
+
+
 @lru_cache(maxsize=None)
 def _attention_graph(kernel, op, plan, template, out_shape, has_sinks, out_dtype, compiled):
     """The launches of one attention configuration (pass 1 and the reduce, or the tensor-core
     kernel that does both) as a function of arrays only (so a compiled graph can never bake
     in one layer's rotation or one step's token count)."""
-    attn, reduce = kernel(op), kernel("reduce")
+    fused = op == "attention_tc"
+    attn = kernel(op, plan.shared_request) if fused else kernel(op)  # dynamic shared
+    reduce = kernel("reduce")
     R, D = plan.R, plan.D
     BH = out_shape[0] * out_shape[1] // plan.NREP  # batch x KV heads
     reduce_template = [("D", D), ("R", R), ("L", plan.L), ("NREP", plan.NREP),
                        ("HAS_SINKS", has_sinks), ("OutT", out_dtype)]  # fmt: skip
-    fused = op == "attention_tc"
 
     def run(q, rot, keys, key_norms, values, value_norms, kcent, vcent, mask, pos, meta, kmean,
             omega, sinks, rot_t, counter, after, n_splits):  # fmt: skip

@@ -66,9 +66,12 @@ def available() -> bool:
 
 
 @lru_cache(maxsize=None)
-def kernel(op: str):
+def kernel(op: str, shared_memory: int = 0):
     """The ``mx.fast.metal_kernel`` for ``op`` (a key of ``source.OPS``), or None without Metal
-    or for a CUDA-only op (the caller then launches the portable one)."""
+    or for a CUDA-only op (the caller then launches the portable one). Only the CUDA-only
+    tensor-core kernel sizes its shared memory at launch (``shared_memory``)."""
+    if shared_memory:
+        raise ValueError(f"Metal kernels take no dynamic shared memory, got {shared_memory}")
     if not available() or op in CUDA_ONLY:
         return None
     body, inputs, outputs = OPS[op]

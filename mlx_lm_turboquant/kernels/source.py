@@ -540,9 +540,10 @@ ATTENTION = r"""
 #   A = value centroids for tokens (2c, 2c + 1) and (2c + 8, 2c + 9) at two dimensions per
 #   16-dimension tile, thread g owning the stored dimensions [g * D / 8, (g + 1) * D / 8).
 # * Decoding: a table of 2^(2 * BITS) half2 entries (the centroids of two codes) replicated
-#   once per lane (entry e of lane l at e * 32 + l: no bank conflicts); keys look up the
-#   two adjacent codes of one token, values the same dimension of two tokens. Keys and
-#   values share one table when they have the same codebook (SAME_TABLE).
+#   once per lane (entry e of lane l at word e * 32 + l, or e * 64 + l in WIDE rows: no
+#   bank conflicts); keys look up the two adjacent codes of one token, values the same
+#   dimension of two tokens. Keys and values share one table when they have the same
+#   codebook (SAME_TABLE).
 # * Rotations: both codecs' rotations are randomized Sylvester Hadamards (D is a power of
 #   two), so rot and rot_t are their sign vectors [D] and the block rotates by fast
 #   Walsh-Hadamard transforms, a warp per row (reading a dense [D, D] matrix per block
@@ -555,7 +556,8 @@ ATTENTION = r"""
 # Templates: D (64 or 128), R (<= 8 rows), L, NREP, KBITS / VBITS (2..4), WK / WV, SAME_TABLE,
 # SCALE_BITS, QT (the query's and the output's dtype), MASK_MODE, MB, MH, ML, NT (128),
 # HAS_SINKS, CENTRED, RDIMS (a multiple of 16), RTRAD, PREFETCH (token rows requested into L2
-# PF steps ahead inside the loop).
+# PF steps ahead inside the loop), WIDE (256-byte table rows), BULK (token rows copied into
+# shared memory BULK steps ahead by the copy engine; sm_90 and later).
 ATTENTION_TC = r"""
   constexpr int NWARPS = NT / 32;
   constexpr int KC = D / 16;                 // k-chunks of the scores = m-tiles of the values
@@ -567,11 +569,25 @@ ATTENTION_TC = r"""
   constexpr int AWV = (VSPAN + 31) / 32;
   constexpr int KTAB = 1 << (2 * KBITS);
   constexpr int VTAB = SAME_TABLE ? 0 : 1 << (2 * VBITS);
+  // Table rows: entry e of lane l at byte (e << TSH) + 4 l. Wide rows (256 bytes, WIDE) put
+  // a byte-sized pair index straight into an address (one byte permute, see tq_pair_addr);
+  // their upper 128 bytes hold the value table where it differs from the keys'.
+  constexpr int TSH = WIDE ? 8 : 7;
+  constexpr int TABLE_WORDS = WIDE ? (KTAB > VTAB ? KTAB : VTAB) * 64 : (KTAB + VTAB) * 32;
   constexpr int MERGE = NWARPS * (R * D + 2 * R);
-  constexpr int BIG = (KTAB + VTAB) * 32 > MERGE ? (KTAB + VTAB) * 32 : MERGE;
+  constexpr int BIG = TABLE_WORDS > MERGE ? TABLE_WORDS : MERGE;
   constexpr float NEG = -1e30f;
 
-  TQ_SHARED TQ_ALIGN16 uint32_t big_sh[BIG];  // pair tables; the warps' results at the end
+  // Bulk copies (BULK > 0: token rows on sm_90 and later): each warp keeps the rows of its
+  // next BULK steps in flight into stage buffers of its own, after the table space, each
+  // with a barrier that completes when its copy has landed.
+  constexpr int DEPTH = BULK > 0 ? BULK : 1;
+  constexpr int STAGE = 16 * (WK + WV + 1);  // words: a step's 16 token rows
+  constexpr int STAGES = BULK > 0 ? NWARPS * DEPTH * STAGE : 0;
+  // Pair tables; the warps' results at the end; then the stages. Dynamic: wide tables and
+  // stages pass the 48 KiB of static shared memory (launch.TensorCorePlan.dynamic_words).
+  TQ_DYNAMIC_SHARED(uint32_t, big_sh, BIG + STAGES);
+  TQ_SHARED uint64_t bar_sh[NWARPS * DEPTH];
   TQ_SHARED float q_sh[D * R];                // [D][R]
   TQ_SHARED float qmax_sh[R];                 // max |q| of each row
   // Centring: NP pairs in KCC k-chunks; B fragments [h][kk][g][c][2] as half2 (cos, sin);
@@ -583,7 +599,7 @@ ATTENTION_TC = r"""
   TQ_SHARED float zmax_sh[R];
   TQ_SHARED float c0_sh[R];
   TQ_SHARED_PTR(uint32_t) ktab = big_sh;
-  TQ_SHARED_PTR(uint32_t) vtab = big_sh + (SAME_TABLE ? 0 : KTAB * 32);
+  TQ_SHARED_PTR(uint32_t) vtab = big_sh + (SAME_TABLE ? 0 : WIDE ? 32 : KTAB * 32);
 
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
@@ -604,6 +620,54 @@ ATTENTION_TC = r"""
   uint32_t kw[2][NWK], kw_n[2][NWK];
   uint32_t vw[4][NWV], vw_n[4][NWV];
   uint32_t nw[4], nw_n[4];
+  // With BULK, the copy of this warp's step k (a lane-uniform call; none past the span):
+  // the copy engine's where the rows' address and size are multiples of 16 bytes (launch
+  // keeps capacities a multiple of 16 rows), else the lanes copy them.
+  TQ_SHARED_PTR(uint32_t) stage = big_sh + BIG + warp * DEPTH * STAGE;
+  TQ_SHARED_PTR(uint64_t) bars = bar_sh + warp * DEPTH;
+  const bool bulk_ok = ((unsigned long long)(keys + tok0 * PROW) & 15u) == 0;
+  auto produce = [&](int k) {
+    const int t = t_begin + 16 * warp + k * 16 * NWARPS;
+    if (BULK == 0 || t >= t_end) {
+      return;
+    }
+    const int n = (cap - t < 16 ? cap - t : 16) * PROW;  // words of this head's rows from t
+    TQ_SHARED_PTR(uint32_t) dst = stage + (k % DEPTH) * STAGE;
+    const uint32_t* src = keys + (tok0 + t) * PROW;
+    if (bulk_ok && n % 4 == 0) {
+      if (lane == 0) {
+        tq_bulk_copy(dst, src, 4 * n, bars + k % DEPTH);
+      }
+    } else {
+      for (int i = lane; i < n; i += 32) {
+        dst[i] = src[i];
+      }
+      tq_warp_sync();
+      if (lane == 0) {
+        tq_bar_arrive(bars + k % DEPTH);
+      }
+    }
+  };
+  // With BULK, step k's codes out of its stage, as load() reads them from memory (norms of
+  // tokens past the span zeroed; their codes are never weighed).
+  auto consume = [&](int k, uint32_t (&kx)[2][NWK], uint32_t (&vx)[4][NWV],
+                     uint32_t (&nwx)[4]) {
+    const int t0 = t_begin + 16 * warp + k * 16 * NWARPS;
+    tq_bar_wait(bars + k % DEPTH, (k / DEPTH) & 1);
+    TQ_SHARED_PTR(uint32_t) rows = stage + (k % DEPTH) * STAGE;
+    TQ_UNROLL for (int h = 0; h < 2; ++h) {
+      TQ_UNROLL for (int i = 0; i < NWK; ++i) {
+        kx[h][i] = kw0 + i < WK ? rows[(8 * h + g) * PROW + kw0 + i] : 0u;
+      }
+    }
+    TQ_UNROLL for (int j = 0; j < 4; ++j) {
+      const int r = 2 * c + (j & 1) + 8 * (j >> 1);
+      TQ_UNROLL for (int i = 0; i < NWV; ++i) {
+        vx[j][i] = vw0 + i < WV ? rows[r * PROW + WK + vw0 + i] : 0u;
+      }
+      nwx[j] = t0 + r < t_end ? rows[r * PROW + WK + WV] : 0u;
+    }
+  };
   auto load = [&](int t0, uint32_t (&kx)[2][NWK], uint32_t (&vx)[4][NWV], uint32_t (&nwx)[4]) {
     TQ_UNROLL for (int h = 0; h < 2; ++h) {
       const int t = t0 + 8 * h + g;
@@ -654,8 +718,18 @@ ATTENTION_TC = r"""
     }
     static_assert(NCENT <= NT, "a thread per centroid");
     const float cent = tq_tid < NKC ? kcent[tq_tid] : tq_tid < NCENT ? vcent[tq_tid - NKC] : 0.0f;
-    load(t_begin + 16 * warp, kw, vw, nw);  // in flight while the block sets up
-    if (PACKED) {  // and the rows of the next PF - 1 steps into L2 (see PF)
+    if (BULK > 0) {  // this warp's first DEPTH steps in flight while the block sets up
+      if (lane < DEPTH) {
+        tq_bar_init(bars + lane);
+      }
+      tq_warp_sync();
+      TQ_UNROLL for (int k = 0; k < DEPTH; ++k) {
+        produce(k);
+      }
+    } else {
+      load(t_begin + 16 * warp, kw, vw, nw);  // in flight while the block sets up
+    }
+    if (PACKED && BULK == 0) {  // and the rows of the next PF - 1 steps into L2 (see PF)
       const int t_lo = t_begin + 16 * NWARPS;
       const int t_hi = t_begin + PF * 16 * NWARPS < t_end ? t_begin + PF * 16 * NWARPS : t_end;
       const char* lo = reinterpret_cast<const char*>(keys + (tok0 + t_lo) * PROW);
@@ -743,10 +817,11 @@ ATTENTION_TC = r"""
   // The tables, four copies of an entry per store; unrolled, so the stores of a thread do not
   // wait on one another's shared loads.
   TQ_UNROLL for (int k = 0; k < (KTAB * 8 + NT - 1) / NT; ++k) {
-    const int i = tq_tid + k * NT;
+    const int i = tq_tid + k * NT;  // lanes 4 (i & 7).. of entry e
     const int e = i >> 3;
     if (i < KTAB * 8) {
-      tq_fill4(ktab + 4 * i, tq_pack_half2(cent_sh[e & (NKC - 1)], cent_sh[e >> KBITS]));
+      tq_fill4(ktab + (e << (TSH - 2)) + 4 * (i & 7),
+               tq_pack_half2(cent_sh[e & (NKC - 1)], cent_sh[e >> KBITS]));
     }
   }
   TQ_SHARED_PTR(float) vc = cent_sh + NKC;  // the value centroids, where not the same table
@@ -754,7 +829,8 @@ ATTENTION_TC = r"""
     const int i = tq_tid + k * NT;
     const int e = i >> 3;
     if (i < VTAB * 8) {
-      tq_fill4(vtab + 4 * i, tq_pack_half2(vc[e & ((1 << VBITS) - 1)], vc[e >> VBITS]));
+      tq_fill4(vtab + (e << (TSH - 2)) + 4 * (i & 7),
+               tq_pack_half2(vc[e & ((1 << VBITS) - 1)], vc[e >> VBITS]));
     }
   }
   TQ_BARRIER();
@@ -785,11 +861,22 @@ ATTENTION_TC = r"""
   // (a byte for 4-bit codes), one extract where the general path shifts, masks and joins.
   constexpr bool KFIELDS = KBITS == 2 || KBITS == 4;
   constexpr bool VFIELDS = VBITS == 2 || VBITS == 4;
-  // Shared address of this lane's copy of entry 0; entry e is 128 * e bytes further.
+  // Shared address of this lane's copy of entry 0; entry e is e << TSH bytes further.
   const tq_saddr_t ktab_lane = tq_shared_addr(ktab + lane);
   const tq_saddr_t vtab_lane = tq_shared_addr(vtab + lane);
+  // Wide rows: the table's address (the same for every lane, held as such so a load adds it
+  // for free) and this lane's byte offset in a row; a byte field of w then becomes its
+  // entry's offset in one byte permute.
+  const tq_saddr_t tab_base = tq_uniform_addr(tq_shared_addr(big_sh));
+  const uint32_t klane = 4 * lane, vlane = 4 * lane + (WIDE && !SAME_TABLE ? 128 : 0);
   auto field = [&](uint32_t w, int pos, int width) -> uint32_t {
     return width == 8 ? tq_byte(w, pos >> 3) : (w >> pos) & ((1u << width) - 1);
+  };
+  auto lookup = [&](tq_saddr_t lane_entry0, uint32_t lane_off, uint32_t w, int pos, int width) {
+    if (WIDE && width == 8) {
+      return tq_lds(tab_base + tq_pair_addr(w, pos >> 3, lane_off));
+    }
+    return tq_lds(lane_entry0 + (field(w, pos, width) << TSH));
   };
   const int r_mask = g < R ? g : 0;  // a valid row for mask reads of padding rows
   const int mb = MB ? b : 0;
@@ -804,7 +891,9 @@ ATTENTION_TC = r"""
   // a loop body; the caller passes the two buffers either way round.
   auto step = [&](int t0, uint32_t (&kw)[2][NWK], uint32_t (&vw)[4][NWV], uint32_t (&nw)[4],
                   uint32_t (&kw_n)[2][NWK], uint32_t (&vw_n)[4][NWV], uint32_t (&nw_n)[4]) {
-    load(t0 + 16 * NWARPS, kw_n, vw_n, nw_n);  // guarded: zeros past the span
+    if (BULK == 0) {
+      load(t0 + 16 * NWARPS, kw_n, vw_n, nw_n);  // guarded: zeros past the span
+    }
     if (PREFETCH && t0 + PF * 16 * NWARPS < t_end) {  // this warp's 16 rows PF steps ahead
       const int t = t0 + PF * 16 * NWARPS;
       const int rows = t_end - t < 16 ? t_end - t : 16;
@@ -827,14 +916,14 @@ ATTENTION_TC = r"""
         TQ_UNROLL for (int hh = 0; hh < 2; ++hh) {
           const int bit = (2 * kk + hh) * 2 * KBITS;  // code pair within this thread's span
           if (KFIELDS) {
-            bfrag[hh] = tq_lds(ktab_lane + (field(a[bit >> 5], bit & 31, 2 * KBITS) << 7));
+            bfrag[hh] = lookup(ktab_lane, klane, a[bit >> 5], bit & 31, 2 * KBITS);
             continue;
           }
           uint32_t e = a[bit >> 5] >> (bit & 31);
           if ((bit & 31) + 2 * KBITS > 32) {
             e |= a[((bit >> 5) + 1) % AWK] << (32 - (bit & 31));
           }
-          bfrag[hh] = tq_lds(ktab_lane + ((e & (KTAB - 1)) << 7));
+          bfrag[hh] = tq_lds(ktab_lane + ((e & (KTAB - 1)) << TSH));
         }
         tq_mma_16816(s[h], qa[kk][0], 0u, qa[kk][1], 0u, bfrag[0], bfrag[1]);
       }
@@ -937,8 +1026,7 @@ ATTENTION_TC = r"""
       TQ_UNROLL for (int f = 0; f < 4; ++f) {
         if (VFIELDS) {
           const int bit = 2 * mt * VBITS;  // the even dimension's code
-          const uint32_t e = field(zv[f >> 1][f & 1][bit >> 5], bit & 31, 2 * VBITS);
-          afrag[f] = tq_lds(vtab_lane + (e << 7));
+          afrag[f] = lookup(vtab_lane, vlane, zv[f >> 1][f & 1][bit >> 5], bit & 31, 2 * VBITS);
           continue;
         }
         // f: (dim 2mt + (f & 1), tokens of pair f >> 1): a0 (dim, 2c..), a1 (dim + 1, 2c..),
@@ -952,14 +1040,22 @@ ATTENTION_TC = r"""
           hi |= av[j + 1][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
         }
         const uint32_t e = (lo & ((1u << VBITS) - 1)) | ((hi & ((1u << VBITS) - 1)) << VBITS);
-        afrag[f] = tq_lds(vtab_lane + (e << 7));
+        afrag[f] = tq_lds(vtab_lane + (e << TSH));
       }
       tq_mma_16816(acc[mt], afrag[0], afrag[1], afrag[2], afrag[3], pb0, pb1);
     }
   };
   // Two steps per iteration, the buffers trading places: the next step's codes are never
   // copied (a copy waits for the load), so nothing waits on them before their first use.
-  for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 2 * 16 * NWARPS) {
+  // With BULK, a step reads its codes out of its stage and then hands the stage to the copy
+  // of the step DEPTH later.
+  for (int t0 = t_begin + 16 * warp, k = 0; BULK > 0 && t0 < t_end; t0 += 16 * NWARPS, ++k) {
+    consume(k, kw, vw, nw);
+    step(t0, kw, vw, nw, kw_n, vw_n, nw_n);
+    tq_warp_sync();  // every lane has read stage k % DEPTH
+    produce(k + DEPTH);
+  }
+  for (int t0 = t_begin + 16 * warp; BULK == 0 && t0 < t_end; t0 += 2 * 16 * NWARPS) {
     step(t0, kw, vw, nw, kw_n, vw_n, nw_n);
     if (t0 + 16 * NWARPS >= t_end) {
       break;

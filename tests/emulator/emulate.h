@@ -63,6 +63,16 @@ static float tq_emu_lanes[1024];
 #define TQ_SHARED static
 #define TQ_SHARED_PTR(T) T*
 #define TQ_ALIGN16 __attribute__((aligned(16)))
+// The launch's shared_memory (bytes) must cover what the kernel declares: a shortfall is
+// recorded (the largest one) for the launcher to raise.
+static size_t tq_emu_dynamic_bytes;
+static std::atomic<size_t> tq_emu_dynamic_short{0};
+inline void tq_emu_check_dynamic(size_t need) {
+  if (need > tq_emu_dynamic_bytes) tq_emu_dynamic_short = need;
+}
+#define TQ_DYNAMIC_SHARED(T, name, n) \
+  static TQ_ALIGN16 T name[n];        \
+  tq_emu_check_dynamic(sizeof(T) * (n))
 #define TQ_BARRIER() tq_emu_block_barrier->arrive_and_wait()
 #define TQ_UNROLL
 #define TQ_UNROLL8
@@ -139,6 +149,10 @@ typedef uintptr_t tq_saddr_t;
 inline tq_saddr_t tq_shared_addr(const uint32_t* p) { return (tq_saddr_t)p; }
 inline uint32_t tq_lds(tq_saddr_t a) { return *reinterpret_cast<const uint32_t*>(a); }
 inline uint32_t tq_byte(uint32_t w, int k) { return (w >> (8 * k)) & 0xFFu; }
+inline tq_saddr_t tq_uniform_addr(tq_saddr_t a) { return a; }
+inline uint32_t tq_pair_addr(uint32_t w, int k, uint32_t lane_off) {
+  return (tq_byte(w, k) << 8) | (lane_off & 0xFFu);
+}
 // Blocks run one at a time, so the cross-block hand-off needs no more than this.
 inline void tq_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline uint32_t tq_atomic_inc(const uint32_t* c) { return (*const_cast<uint32_t*>(c))++; }
@@ -146,6 +160,23 @@ inline void tq_atomic_reset(const uint32_t* c) { *const_cast<uint32_t*>(c) = 0u;
 inline float tq_load_cg(const float* p) { return *p; }
 inline float4 tq_load_cg4(const float4* p) { return *p; }
 inline void tq_prefetch_l2(const void*) {}
+// Bulk copies: done at once by the issuing lane, completing the barrier's phase (a count of
+// completed phases); waiters spin. Misaligned copies are recorded for the launcher to raise
+// (on a GPU they fault).
+static std::atomic<int> tq_emu_misaligned{0};
+inline void tq_warp_sync() {
+  tq_emu_warp_barriers[tq_emu_tid / 32]->arrive_and_wait();
+}
+inline void tq_bar_init(uint64_t* bar) { std::atomic_ref<uint64_t>(*bar).store(0); }
+inline void tq_bar_arrive(uint64_t* bar) { std::atomic_ref<uint64_t>(*bar).fetch_add(1); }
+inline void tq_bulk_copy(uint32_t* dst, const uint32_t* src, uint32_t bytes, uint64_t* bar) {
+  if ((((uintptr_t)dst) | ((uintptr_t)src) | bytes) & 15u) tq_emu_misaligned = 1;
+  std::memcpy(dst, src, bytes);
+  tq_bar_arrive(bar);
+}
+inline void tq_bar_wait(uint64_t* bar, uint32_t parity) {
+  while ((std::atomic_ref<uint64_t>(*bar).load() & 1u) == parity) std::this_thread::yield();
+}
 inline void tq_fill4(uint32_t* p, uint32_t v) { p[0] = p[1] = p[2] = p[3] = v; }
 
 // mma.sync m16n8k16 (fp16 x fp16 + fp32) with the PTX ISA's fragment layout: lane =
