@@ -334,8 +334,8 @@ class TurboQuantKVCache(_BaseCache):
 
     def _grown(self, old, prev, L, like):
         """``old`` (or nothing) with room for ``L`` more tokens after ``prev``: the capacity
-        grows to the next multiple of ``step``, so every head's rows start at a multiple of
-        16 rows (what the tensor-core kernel's bulk copies need to take them whole)."""
+        grows to the next multiple of ``step`` (256 rows), so every head's rows start 16-byte
+        aligned (what the tensor-core kernel's bulk copies need to take them whole)."""
         shape = list(like.shape)
         shape[2] = -(-(prev + L) // self.step) * self.step - prev
         extra = mx.zeros(shape, like.dtype)

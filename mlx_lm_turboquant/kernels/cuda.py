@@ -171,17 +171,19 @@ PRELUDE = r"""
 # Static shared memory a block may use without opting in to more.
 SHARED_BYTES = 48 * 1024
 
-# Shared memory a block of the tensor-core kernel may take for wide table rows (twice the
-# table space, one instruction less per table lookup): on GPUs whose SMs have 228 KiB
-# (compute capability 9.0 and 10.x), three such blocks fit beside their 1 KiB reserves, as
-# many as the kernel's registers allow. Measured on the H100 only; elsewhere narrow rows.
+# Shared memory a block of the tensor-core kernel may take on GPUs whose SMs have 228 KiB
+# and a copy engine (compute capability 9.0 and 10.x): bulk copies of token rows into
+# stages, or wide table rows (twice the table space, one instruction less per lookup);
+# three such blocks fit beside their 1 KiB reserves, as many as the kernel's registers
+# allow. Measured on the H100 only; other GPUs get narrow rows and loads.
 WIDE_SHARED_BYTES = 75 * 1024
 _WIDE_ARCHS = ("sm_90", "sm_100", "sm_101", "sm_103")
 
 
 @lru_cache(maxsize=None)
 def wide_bytes() -> int:
-    """WIDE_SHARED_BYTES on a GPU listed in _WIDE_ARCHS (mlx's device_info), else 0."""
+    """WIDE_SHARED_BYTES on a GPU listed in _WIDE_ARCHS (mlx's device_info), else 0: the
+    tensor-core plans' ``wide_bytes`` (launch.tensor_core_plan)."""
     if not available():
         return 0
     info = mx.device_info()

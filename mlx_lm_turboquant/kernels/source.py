@@ -621,8 +621,10 @@ ATTENTION_TC = r"""
   uint32_t vw[4][NWV], vw_n[4][NWV];
   uint32_t nw[4], nw_n[4];
   // With BULK, the copy of this warp's step k (a lane-uniform call; none past the span):
-  // the copy engine's where the rows' address and size are multiples of 16 bytes (launch
-  // keeps capacities a multiple of 16 rows), else the lanes copy them.
+  // the copy engine's where the rows' address and size are multiples of 16 bytes (a cache
+  // keeps its capacity a multiple of 256 rows, so every head's rows start aligned), else
+  // the lanes copy them. Rows of a last partial step past the copy are stale: consume()
+  // zeroes their norms, and their codes only ever meet a zero weight.
   TQ_SHARED_PTR(uint32_t) stage = big_sh + BIG + warp * DEPTH * STAGE;
   TQ_SHARED_PTR(uint64_t) bars = bar_sh + warp * DEPTH;
   const bool bulk_ok = ((unsigned long long)(keys + tok0 * PROW) & 15u) == 0;
