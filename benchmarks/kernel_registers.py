@@ -21,8 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_lm_turboquant.config import parse_scheme
-from mlx_lm_turboquant.kernels import cuda, generated
-from mlx_lm_turboquant.kernels import launch
+from mlx_lm_turboquant.kernels import cuda, generated, launch
 from mlx_lm_turboquant.kernels.launch import TC_THREADS, tensor_core_plan
 
 REGISTERS_PER_SM = 65536
