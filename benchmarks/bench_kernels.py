@@ -285,7 +285,7 @@ def encode_cost(cache, repeats=10):
         t0 = time.perf_counter()
         for c in cache:
             c.update_and_fetch(k, v)
-        mx.eval([a for c in cache for a in _arrays(c)])
+        mx.eval([a for c in cache for a in _written(c)])
         samples.append(time.perf_counter() - t0)
         for c in cache:
             c.trim(1)
@@ -353,6 +353,13 @@ def e2e_bench(contexts, schemes, steps, rounds=5):
 def _arrays(cache):
     """The arrays a layer's cache holds: mlx-lm's KVCache or a TurboQuant cache."""
     return cache.buffers() if hasattr(cache, "buffers") else [cache.keys, cache.values]
+
+
+def _written(cache):
+    """What an append wrote, to wait for: a TurboQuant cache's rows written in place (the
+    launch's ``done``; reading ``buffers()`` would make its next append copy them)."""
+    pending = getattr(cache, "_pending", None)
+    return [pending] if pending is not None else _arrays(cache)
 
 
 def _nbytes(cache):

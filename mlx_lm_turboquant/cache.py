@@ -133,7 +133,11 @@ class TurboQuantKVCache(_BaseCache):
     step = 256
     key_channels = value_channels = None  # also for instances made by __new__
     key_mean = rope_frame = None
-    packed = None
+    _packed = None
+    # Rows written in place by the last fused encode (its `done` array; see _append_rows)
+    # and whether anything outside the cache's own launches may hold the rows buffer.
+    _pending = None
+    _exposed = True
     _keys = _key_norms = _values = _value_norms = None
     # Whether new caches of this class keep token rows; the sliding-window subclass writes
     # its four arrays in place, so it keeps them apart.
@@ -164,6 +168,36 @@ class TurboQuantKVCache(_BaseCache):
         self._dtype = None if value is None else str(value).split(".")[-1]
 
     # -- stored arrays: four attributes, read out of ``packed`` when rows are kept -------
+
+    @property
+    def packed(self):
+        """The token rows (see the class docstring), or None. Reading them here waits for
+        rows a fused encode wrote in place, and marks the buffer as seen from outside: the
+        next update then goes through a slice update, which copies it where it is still
+        held (mlx's own rule), instead of writing into it."""
+        self._settle()
+        if self._packed is not None:
+            self._exposed = True
+        return self._packed
+
+    @packed.setter
+    def packed(self, rows):
+        self._settle()
+        self._packed, self._exposed = rows, True
+
+    def _settle(self):
+        """Evaluate the pending in-place encode: mlx orders GPU work by data, and readers
+        other than this cache's own launches do not depend on it."""
+        if self._pending is not None:
+            mx.eval(self._pending)
+            self._pending = None
+
+    def __getstate__(self):
+        # copy.copy / deepcopy / pickle: the rows must hold every token, and a shallow copy
+        # would share the buffer, so neither cache may write into it in place any more.
+        self._settle()
+        self._exposed = True
+        return self.__dict__.copy()
 
     def _key_words(self):
         return self.scheme.vector_format("keys", self.k_dim)[0]
@@ -200,7 +234,7 @@ class TurboQuantKVCache(_BaseCache):
 
     def _keeps_rows(self) -> bool:
         """Whether updates go to ``packed``: already there, or a new cache that may."""
-        return self.packed is not None or (self._values is None and self._rows_format())
+        return self._packed is not None or (self._values is None and self._rows_format())
 
     # -- codecs -----------------------------------------------------------------
 
@@ -248,12 +282,23 @@ class TurboQuantKVCache(_BaseCache):
         )
 
     def _append_rows(self, keys, values):
-        rows = kernels.encode_rows(self.key_codec, keys, self.value_codec, values)
+        key_codec, value_codec = self.key_codec, self.value_codec
+        if not self._exposed:
+            # Decode: the fused encode writes the rows into the buffer itself; no slice
+            # update, which costs more host time than the launch (docs/kernels.md).
+            done = kernels.append_rows(key_codec, keys, value_codec, values, self)
+            if done is not None:
+                self._pending = done
+                self.offset += keys.shape[2]
+                return
+        rows = kernels.encode_rows(key_codec, keys, value_codec, values)
         prev, L = self.offset, keys.shape[2]
-        if self.packed is None or prev + L > self.packed.shape[2]:
-            self.packed = self._grown(self.packed, prev, L, rows)
+        self._settle()
+        if self._packed is None or prev + L > self._packed.shape[2]:
+            self._packed = self._grown(self._packed, prev, L, rows)
         self.offset += L
-        self.packed[:, :, prev : self.offset] = rows  # one in-place slice update
+        self._packed[:, :, prev : self.offset] = rows  # one slice update (in place in mlx)
+        self._exposed = False  # a buffer of this cache's own now: later updates may write it
 
     def _append(self, keys, values):
         L = keys.shape[2]
@@ -360,7 +405,7 @@ class TurboQuantKVCache(_BaseCache):
         return self.offset
 
     def empty(self):
-        return self.packed is None and self._values is None
+        return self._packed is None and self._values is None
 
     def is_trimmable(self):
         return True
@@ -591,7 +636,7 @@ class TurboQuantKVCache(_BaseCache):
 
     def _pack_rows(self):
         """Keep a loaded plain cache as token rows too (decode then updates one buffer)."""
-        if self.packed is None and self._values is not None and self._rows_format():
+        if self._packed is None and self._values is not None and self._rows_format():
             rows = token_rows(self._keys, self._key_norms, self._values, self._value_norms)
             self._keys = self._key_norms = self._values = self._value_norms = None
             self.packed = rows

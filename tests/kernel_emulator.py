@@ -71,6 +71,10 @@ def _library(op, template, in_dtypes, out_dtypes):
     return lib
 
 
+# Inputs a kernel writes in place (on a GPU as here: the launch gets the array's memory).
+IN_PLACE = {("append", "dst")}
+
+
 class EmulatedKernel:
     def __init__(self, op, shared_memory=0):
         self.op = op
@@ -81,8 +85,12 @@ class EmulatedKernel:
         in_dtypes = tuple(a.dtype for a in inputs)
         lib = _library(self.op, tuple(template), in_dtypes, tuple(output_dtypes))
         host = []
-        for a in inputs:
-            if a.dtype == mx.bfloat16:
+        for name, a in zip(OPS[self.op][1], inputs):
+            if (self.op, name) in IN_PLACE:  # the kernel writes into the array's own memory
+                mx.eval(a)
+                host.append(np.asarray(memoryview(a)))
+                assert host[-1].flags.c_contiguous and host[-1].flags.writeable
+            elif a.dtype == mx.bfloat16:
                 host.append(np.ascontiguousarray(np.array(a.view(mx.uint16))))
             else:
                 host.append(np.ascontiguousarray(np.array(a)))

@@ -211,6 +211,7 @@ def _emulate(monkeypatch):
         encode=partial(launch.encode, emu.kernel),
         encode_kv=partial(launch.encode_kv, emu.kernel),
         encode_rows=partial(launch.encode_rows, emu.kernel),
+        append_rows=partial(launch.append_rows, emu.kernel),
     )
     monkeypatch.setattr(kernels, "active_backend", lambda: module)
     monkeypatch.setattr(launch, "MIN_SPAN", 0)  # short test caches still take several spans
@@ -689,4 +690,65 @@ def test_emulated_cache_update_uses_the_fused_encode(monkeypatch):
     assert mx.array_equal(cache.packed[:, :, :6], rows)
     assert _rms(k_hat, keys.astype(mx.float32)) <= 1.01 * _rms(ref_k, keys.astype(mx.float32))
     assert _rms(v_hat, values.astype(mx.float32)) <= 1.01 * _rms(ref_v, values.astype(mx.float32))
+
+
+def _decode_step(caches, L, D, seed):
+    """One update of every cache in ``caches`` with the same random keys and values."""
+    mx.random.seed(seed)
+    k = (mx.random.normal((1, 2, L, D)) * 2.0).astype(mx.float16)
+    v = mx.random.normal((1, 2, L, D)).astype(mx.float16)
+    for c in caches:
+        c.update_and_fetch(k, v)
+
+
+@needs_gxx
+@pytest.mark.parametrize(
+    "scheme, D, L, prefill",
+    [("turbo4", 128, 1, 254), ("turbo3", 64, 4, T), ("turbo2v4", 64, 1, T)],
+)
+def test_emulated_decode_writes_rows_in_place(monkeypatch, scheme, D, L, prefill):
+    """Decode steps encode their tokens straight into the cache's token rows (no slice
+    update): the very rows the fused encode plus a slice update give, and the same
+    attention; a step that needs more capacity grows the buffer and the next ones write
+    in place again. 254 tokens: capacity 256, so the third step grows it."""
+    mx.random.seed(prefill + D)
+    cache = TurboQuantKVCache(scheme, layer_index=3)
+    cache.update_and_fetch(mx.random.normal((1, 2, prefill, D)).astype(mx.float16),
+                           mx.random.normal((1, 2, prefill, D)).astype(mx.float16))  # fmt: skip
+    twin = copy.deepcopy(cache)
+    _emulate(monkeypatch)
+    q = mx.random.normal((1, 4, L, D)).astype(mx.float16)
+    for step in range(4):
+        capacity = cache._packed.shape[2]
+        twin._exposed = True  # the twin takes the fused encode and a slice update
+        _decode_step([cache, twin], L, D, seed=step)
+        in_place = cache._pending is not None
+        # deepcopy marked the original's rows as seen: its first step copies them once
+        assert in_place == (step > 0 and cache.offset <= capacity), step
+        out = turboquant_sdpa(q, cache, D**-0.5)  # reads the rows through the chain
+        assert mx.array_equal(out, turboquant_sdpa(q, twin, D**-0.5)), step
+    assert cache.offset == twin.offset == prefill + 4 * L
+    assert mx.array_equal(cache.packed, twin.packed)
+    assert cache._pending is None  # reading `packed` waited for the writes
+
+
+@needs_gxx
+def test_rows_seen_outside_the_cache_are_never_written_in_place(monkeypatch):
+    """A state taken from the cache, and a deep copy of it, keep their values when the cache
+    is trimmed and decodes on: the rows they read are copied before the next write. (A
+    shallow copy shares the buffer object, as with mlx-lm's KVCache.)"""
+    cache, _, _ = _cache("turbo4", 64)
+    _emulate(monkeypatch)
+    _decode_step([cache], 1, 64, seed=1)
+    assert cache._pending is not None  # in place
+    state = cache.state[:4]
+    deep = copy.deepcopy(cache)
+    before = [np.array(a) for a in state]
+    rows = np.array(cache._packed)
+    cache.trim(2)
+    for seed in (2, 3):  # the rows the state holds are written again
+        _decode_step([cache], 1, 64, seed=seed)
+    assert all(np.array_equal(np.array(a), b) for a, b in zip(state, before))
+    assert np.array_equal(np.array(deep._packed), rows)
+    assert cache._pending is not None  # and later steps write in place again
 

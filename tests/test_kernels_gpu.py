@@ -310,6 +310,38 @@ def test_decode_steps_and_compiled_attention_track_the_cache():
         assert mx.array_equal(got, want), f"seed {SEED}"
 
 
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo4v2", "turbo8v4"])
+def test_rows_written_in_place_reach_every_later_launch(scheme):
+    """Decode steps built lazily as mlx-lm's loop builds them (nothing evaluated between
+    steps, each layer's output feeding the next one's keys): the encodes that write their
+    rows in place order every later attention after them, so the result is bit for bit
+    that of slice updates. 250 tokens first: the buffers grow during the steps."""
+    mx.random.seed(SEED)
+    D, n_layers = 128, 4
+    k = mx.random.normal((1, 2, 250, D)).astype(mx.bfloat16) * 2
+    v = mx.random.normal((1, 2, 250, D)).astype(mx.bfloat16)
+    q = mx.random.normal((1, 8, 1, D)).astype(mx.bfloat16)
+
+    def decode(in_place):
+        caches = [TurboQuantKVCache(scheme, layer_index=i) for i in range(n_layers)]
+        for c in caches:
+            c.update_and_fetch(k, v)
+        x, wrote = q, 0
+        for _ in range(24):
+            for c in caches:
+                c._exposed = c._exposed or not in_place  # not in place: a slice update
+                c.update_and_fetch(x[:, :2], x[:, 2:4] * 0.5)
+                wrote += c._pending is not None
+                x = BACKEND.decode_attention(x, c, D**-0.5)
+        return x, [c.packed for c in caches], wrote
+
+    x, rows, wrote = decode(True)
+    x_ref, rows_ref, wrote_ref = decode(False)
+    assert wrote_ref == 0 and wrote >= 20 * n_layers, (wrote, SEED)
+    assert mx.array_equal(x, x_ref), f"seed {SEED}"
+    assert all(mx.array_equal(a, b) for a, b in zip(rows, rows_ref)), f"seed {SEED}"
+
+
 @pytest.mark.parametrize("tensor_cores", [True, False])
 @pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2v4", "turbo8v4"])
 def test_token_rows_and_four_arrays_agree(scheme, tensor_cores):

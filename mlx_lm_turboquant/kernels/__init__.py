@@ -24,15 +24,22 @@ from . import launch
 ENV = "MLX_TQ_KERNELS"
 CHOICES = ("auto", "reference", "cuda", "metal")
 BACKENDS = ("cuda", "metal")
-OPS = ("decode_attention", "encode", "encode_kv", "encode_rows")
+OPS = ("decode_attention", "encode", "encode_kv", "encode_rows", "append_rows")
 
 _disabled = set()  # (backend, op) that failed once
 
 
+_CHOICES = {}  # raw MLX_TQ_KERNELS value -> its choice (decode reads it twice per layer)
+
+
 def choice() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"{ENV}={value!r}; allowed: {', '.join(CHOICES)}")
+    raw = os.environ.get(ENV, "auto")
+    value = _CHOICES.get(raw)
+    if value is None:
+        value = raw.strip().lower() or "auto"
+        if value not in CHOICES:
+            raise ValueError(f"{ENV}={value!r}; allowed: {', '.join(CHOICES)}")
+        _CHOICES[raw] = value
     return value
 
 
@@ -130,3 +137,10 @@ def encode_rows(key_codec, keys, value_codec, values):
     if out is None:
         return token_rows(*encode_kv(key_codec, keys, value_codec, values))
     return out
+
+
+def append_rows(key_codec, keys, value_codec, values, cache):
+    """Encode ``keys`` and ``values`` into ``cache``'s token rows in place at row
+    ``cache.offset`` (``launch.append_rows``): the launch's ``done`` array, or None where no
+    backend does this (then the caller encodes and updates the rows itself)."""
+    return run("append_rows", key_codec, keys, value_codec, values, cache)

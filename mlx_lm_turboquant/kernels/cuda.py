@@ -237,3 +237,8 @@ def encode_kv(key_codec, keys, value_codec, values):
 def encode_rows(key_codec, keys, value_codec, values):
     return launch.encode_rows(kernel, key_codec, keys, value_codec, values, compiled=COMPILED)
 
+
+
+def append_rows(key_codec, keys, value_codec, values, cache):
+    return launch.append_rows(kernel, key_codec, keys, value_codec, values, cache,
+                              compiled=COMPILED)  # fmt: skip

@@ -154,7 +154,7 @@ def _attention_configs(D, n_rep, L, key_bits, key_dtype, value_bits, shared, mas
         ((q_dtype, R * D), (mx.float32, D * D if kb < 16 else 1), *_token_inputs(plan),
          (mx.float32, kcent),
          (mx.float32, 1 << value_bits), (mx.float32, 4096 * R if mode == 2 else 1),
-         (mx.int32, 1), (mx.int32, 4), *_centring_inputs(plan)),
+         (mx.int32, 1), (mx.int32, 4), *_centring_inputs(plan), (mx.float32, 8 * R * D)),
         (mx.float32, mx.float32),
     )  # fmt: skip
     red = KernelConfig(
@@ -236,6 +236,21 @@ def configurations(backend: str, full: bool = False) -> List[KernelConfig]:
                 (mx.uint32, mx.float16, mx.uint32, mx.float16),
             ))  # fmt: skip
     if backend in ("cuda",):  # ops in CUDA_ONLY: no Metal version to compile
+        # Encodes written in place into token rows (decode: 1 or 4 new tokens per head).
+        for D, kb, vb, L in ((128, 4, 4, 1), (64, 3, 3, 4), (128, 2, 4, 1), (256, 4, 2, 1)):
+            dtype = mx.bfloat16 if kb % 2 else mx.float16
+            kw, vw = D * kb // 32, D * vb // 32
+            out.append(KernelConfig(
+                "append",
+                (("D", D), ("KBITS", kb), ("KW", kw), ("VBITS", vb), ("VW", vw),
+                 ("NORM_CORR", True), ("L_NEW", L), ("InT", dtype)),
+                ((dtype, 8 * L * D), (dtype, 8 * L * D), (mx.float32, D * D),
+                 (mx.float32, D * D), (mx.float32, (1 << kb) - 1), (mx.float32, (1 << vb) - 1),
+                 (mx.float32, 1 << kb), (mx.float32, 1 << vb),
+                 (mx.uint32, 8 * 512 * (kw + vw + 1)), (mx.int32, 1), (mx.int32, 1),
+                 (mx.float32, 8 * 32 * D)),
+                (mx.uint32,),
+            ))  # fmt: skip
         tc_cases = [  # D, n_rep, L, key bits, value bits, mask, sinks, query dtype
             (128, 4, 1, 4, 4, None, False, mx.bfloat16),
             (128, 1, 4, 3, 3, "causal", True, mx.float16),

@@ -331,6 +331,9 @@ def forget_configurations():
     """Drop the memoized set-ups, so each configuration counts as new again."""
     _launch.cache_clear()
     _encode_graph.cache_clear()
+    _append_graph.cache_clear()
+    for chain in list(_CHAINS.values()):
+        chain.fast = None
 
 
 _TOKEN_COUNTS = {}  # token count -> int32 [1] device array, shared by every layer and cache
@@ -348,8 +351,12 @@ def device_tokens(cache) -> mx.array:
     write waits on a page fault (measured on the H100: turbo4 attention at 32k tokens 52 ->
     37 us of GPU time per call, 15 us of it the first read of the count).
     """
+    return device_count(cache.attended_tokens)
+
+
+def device_count(n: int) -> mx.array:
+    """``n`` as an int32 ``[1]`` array the GPU wrote (see :func:`device_tokens`)."""
     global _COUNTS
-    n = cache.attended_tokens
     count = _TOKEN_COUNTS.get(n)
     if count is None:
         if _COUNTS is None or _COUNTS.size <= n:
@@ -372,28 +379,31 @@ def _dummy(dtype=mx.float32):
 
 
 class _Chain:
-    """A cache's state for the tensor-core kernel's fused merge: ``counter`` holds one zero
-    per (batch, KV head) that each launch counts up and its last block resets; ``last`` is
-    the previous launch's output. mlx orders GPU work by data alone (two launches that only
-    read the same counter could run at once and mix their counts), so each launch takes
-    ``last`` as an input it never reads: launches on one cache then run one after another.
-    Separate caches have separate counters and stay free to overlap."""
+    """A cache's launches in order: ``last`` is the output of the last launch that touched
+    the cache (attention, or an encode that wrote its token rows in place), and every launch
+    takes it as an input it never reads. mlx orders GPU work by data alone: two launches that
+    only read the same counter, or one that writes rows in place and one that reads them,
+    could otherwise run at once. ``counter``: the tensor-core kernel's fused merge, one zero
+    per (batch, KV head) that each launch counts up and its last block resets. Separate
+    caches have separate chains and stay free to overlap."""
 
-    __slots__ = ("counter", "last", "__weakref__")
+    __slots__ = ("counter", "last", "fast", "__weakref__")
 
     def __init__(self):
         self.counter = None
         self.last = None
+        self.fast = None  # decode_attention's last set-up: (key, setup, n_splits, meta)
 
 
 _CHAINS = weakref.WeakKeyDictionary()  # cache -> _Chain; a copied cache starts its own
 
 
-def _chain(cache, n_blocks) -> _Chain:
+def _chain(cache, n_blocks=0) -> _Chain:
+    """The cache's chain, with a counter of at least ``n_blocks`` zeros where asked."""
     chain = _CHAINS.get(cache)
     if chain is None:
         chain = _CHAINS[cache] = _Chain()
-    if chain.counter is None or chain.counter.size < n_blocks:
+    if n_blocks and (chain.counter is None or chain.counter.size < n_blocks):
         # From a host buffer: a real zeroed allocation, never a lazy broadcast; at least
         # 16 bytes, so never in mlx's CUDA pool of small host-written arrays (device_tokens).
         chain.counter = mx.array(np.zeros(max(n_blocks, 4), np.uint32))
@@ -479,6 +489,23 @@ def decode_attention(
     ``wide_bytes`` is its shared memory per block on sm_90 and later, for bulk copies or
     wide table rows (see :func:`tensor_core_plan`; the backend knows its device).
     """
+    packed = getattr(cache, "_packed", None)  # not `packed`: that waits on rows written in place
+    chain = _chain(cache)
+    if tensor_cores is None:
+        tensor_cores = tensor_cores_enabled()
+    fast_key = None
+    if mask is None and sinks is None and packed is not None \
+            and getattr(cache, "rope_frame", None) is None:  # fmt: skip
+        # Decode repeats one configuration per layer: the set-up of the last call is reused
+        # while nothing it depends on changed (the lookups below cost host time per layer).
+        fast_key = (kernel, shared_bytes, queries.shape, queries.dtype, scale, compiled,
+                    tensor_cores, wide_bytes, _bulk(), TARGET_BLOCKS, MIN_SPAN, cache.scheme,
+                    cache.layer_index, cache.v_dim, packed.shape)  # fmt: skip
+        if chain.fast is not None and chain.fast[0] == fast_key:
+            _, setup, n_splits, meta = chain.fast
+            return _run(setup, chain, queries, scale, packed, packed, _dummy(mx.float16),
+                        _dummy(mx.float16), None, device_tokens(cache), meta, None, None,
+                        None, n_splits)  # fmt: skip
     B, n_q_heads, L, D = queries.shape
     if cache.v_dim != D:
         return None
@@ -487,7 +514,6 @@ def decode_attention(
     if masking is None:
         return None
     mode, mask_arr, mb, mh, ml = masking
-    packed = getattr(cache, "packed", None)
     stored = cache.values if packed is None else packed
     n_kv_heads, cap = stored.shape[1:3]
     frame = getattr(cache, "rope_frame", None)  # set for centred caches only
@@ -497,19 +523,15 @@ def decode_attention(
         kernel, shared_bytes, cache.key_codec, cache.value_codec,
         mx.uint32 if packed is not None else cache.keys.dtype,
         n_kv_heads, B, n_q_heads, L, D, queries.dtype, scale, mode, mb, mh, ml,
-        sinks is not None, compiled and mask_arr is None,
-        tensor_cores_enabled() if tensor_cores is None else tensor_cores, packed is not None,
+        sinks is not None, compiled and mask_arr is None, tensor_cores, packed is not None,
         None if frame is None else (frame.dims, frame.traditional), wide_bytes, _bulk(),
     )  # fmt: skip
     if setup is None:
         return None
     n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS, MIN_SPAN,
                              setup.max_splits)  # fmt: skip
-    q = queries
-    if setup.outside_query:  # once per query, never per key
-        q = queries.astype(mx.float32) * scale
-        if setup.key_codec is not None:
-            q = setup.key_codec.rotation.forward(q)
+    if fast_key is not None:
+        chain.fast = (fast_key, setup, n_splits, meta)
     if packed is not None:  # one array of rows holds codes and norms of keys and values
         keys = values = packed
         key_norms = value_norms = _dummy(mx.float16)
@@ -517,20 +539,33 @@ def decode_attention(
         keys = cache.keys.view(mx.uint32) if setup.float_keys else cache.keys
         key_norms = cache.value_norms if setup.float_keys else cache.key_norms
         values, value_norms = cache.values, cache.value_norms
-    chain = None if setup.max_splits is None else _chain(cache, setup.n_blocks)
-    kmean = omega = _dummy()
+    if setup.max_splits is not None:
+        _chain(cache, setup.n_blocks)  # the fused merge's counter
+    kmean = omega = None
     if frame is not None:  # [B, H_kv, 1, D]: read as B * H_kv rows of D, no reshape per call
         kmean, omega = cache.key_mean, frame.omega
+    return _run(setup, chain, queries, scale, keys, values, key_norms, value_norms, mask_arr,
+                device_tokens(cache), meta, kmean, omega, sinks, n_splits)  # fmt: skip
+
+
+def _run(setup, chain, queries, scale, keys, values, key_norms, value_norms, mask, count, meta,
+         kmean, omega, sinks, n_splits):  # fmt: skip
+    """One attention launch of ``setup`` (:func:`_launch`), after the cache's last launch."""
+    q = queries
+    if setup.outside_query:  # once per query, never per key
+        q = queries.astype(mx.float32) * scale
+        if setup.key_codec is not None:
+            q = setup.key_codec.rotation.forward(q)
     # The full-capacity buffers go in as they are (row-contiguous, so never copied).
     out = setup.graph(
-        q, setup.rot, keys, key_norms, values, value_norms, setup.kcent,
-        setup.vcent, _dummy() if mask_arr is None else mask_arr, device_tokens(cache), meta,
-        kmean, omega, _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t,
-        _dummy(mx.uint32) if chain is None else chain.counter,
-        _dummy() if chain is None or chain.last is None else chain.last, n_splits,
+        q, setup.rot, keys, key_norms, values, value_norms, setup.kcent, setup.vcent,
+        _dummy() if mask is None else mask, count, meta, _dummy() if kmean is None else kmean,
+        _dummy() if omega is None else omega,
+        _dummy() if sinks is None else sinks.astype(mx.float32), setup.rot_t,
+        _dummy(mx.uint32) if chain.counter is None else chain.counter,
+        _dummy() if chain.last is None else chain.last, n_splits,
     )  # fmt: skip
-    if chain is not None:
-        chain.last = out
+    chain.last = out
     return out
 
 
@@ -568,7 +603,7 @@ def _attention_graph(kernel, op, plan, template, out_shape, has_sinks, out_dtype
             )
             return out
         o_part, ml_part = attn(
-            inputs=inputs,
+            inputs=inputs + [after],
             template=list(template),
             grid=(n_splits * plan.NT, BH, 1),
             threadgroup=(plan.NT, 1, 1),
@@ -662,6 +697,64 @@ def encode_rows(kernel, key_codec, keys, value_codec, values, compiled=False):
     if values is None:
         raise ValueError("encode_rows needs values as well as keys")
     return encode_kv(kernel, key_codec, keys, value_codec, values, rows=True, compiled=compiled)
+
+
+def append_rows(kernel, key_codec, keys, value_codec, values, cache, compiled=False):
+    """The fused encode of ``keys`` and ``values`` ``[B, H_kv, L, D]`` written in place into
+    the cache's token rows at row ``cache.offset`` (which the caller then advances): returns
+    the launch's ``done`` array, or None where this does not apply (no rows, no room, more
+    than MAX_QUERIES new tokens, or shapes the encode does not take). Later launches on the
+    cache are ordered after it through the cache's chain (:class:`_Chain`); anything else
+    that reads the rows must evaluate ``done`` first (the cache does)."""
+    rows = getattr(cache, "_packed", None)
+    if rows is None or keys.ndim != 4 or kernel("append") is None:
+        return None
+    B, H, L, D = keys.shape
+    prev, cap = cache.offset, rows.shape[2]
+    kw, vw = key_codec.words, value_codec.words
+    if (L > MAX_QUERIES or prev + L > cap or rows.dtype != mx.uint32
+            or tuple(rows.shape) != (B, H, cap, kw + vw + 1)):  # fmt: skip
+        return None
+    if D % 32 or not 32 <= D <= 1024 or key_codec.dim != D or value_codec.dim != D:
+        return None
+    if tuple(values.shape) != tuple(keys.shape) or values.dtype != keys.dtype:
+        return None
+    if value_codec.norm_correction != key_codec.norm_correction:
+        return None
+    xk, xv = _rows(keys), _rows(values)
+    graph = _append_graph(kernel, B * H, L, D, xk.dtype, key_codec.bits, kw, value_codec.bits,
+                          vw, key_codec.norm_correction, compiled)  # fmt: skip
+    chain = _chain(cache)
+    done = graph(xk, xv, key_codec.rotation.matrix, value_codec.rotation.matrix,
+                 key_codec.boundaries, value_codec.boundaries, key_codec.centroids,
+                 value_codec.centroids, rows, device_count(prev), device_count(cap),
+                 _dummy() if chain.last is None else chain.last)  # fmt: skip
+    chain.last = done
+    return done
+
+
+@lru_cache(maxsize=256)
+def _append_graph(kernel, n_heads, L, D, in_dtype, kbits, kwords, vbits, vwords, norm_corr,
+                  compiled):  # fmt: skip
+    """The in-place encode of one configuration, a function of arrays only (every layer's
+    codecs, rows and positions are inputs)."""
+    _count_build()
+    k = kernel("append")
+    template = [("D", D), ("KBITS", kbits), ("KW", kwords), ("VBITS", vbits), ("VW", vwords),
+                ("NORM_CORR", norm_corr), ("L_NEW", L), ("InT", in_dtype)]  # fmt: skip
+
+    def run(xk, xv, rot_k, rot_v, bnd_k, bnd_v, cent_k, cent_v, rows, at, cap, after):
+        (done,) = k(
+            inputs=[xk, xv, rot_k, rot_v, bnd_k, bnd_v, cent_k, cent_v, rows, at, cap, after],
+            template=template,
+            grid=(n_heads * L * D, 2, 1),  # keys and values in separate blocks
+            threadgroup=(D, 1, 1),
+            output_shapes=[(1,)],
+            output_dtypes=[mx.uint32],
+        )
+        return done
+
+    return mx.compile(run) if compiled else run
 
 
 def encode(kernel, codec, x, compiled=False):

@@ -1286,7 +1286,9 @@ REDUCE = r"""
 # with KW / VW words. Decode encodes a handful of vectors whose matrices are cold in the
 # cache, so the kernel is bound by load latency: boundaries and centroids go to shared
 # memory while the norm is reduced, and the rotation keeps 32 loads in flight per thread.
-ENCODE = r"""
+# The encode of new tokens up to its stores (ENCODE and APPEND share it): the codes of
+# this block's vector in c_sh, its norm to store in `stored`.
+_ENCODE_CORE = r"""
   constexpr int NWARPS = D / 32;
   constexpr int PROW = KW + VW + 1;
   TQ_SHARED float u_sh[D];
@@ -1356,6 +1358,9 @@ ENCODE = r"""
   }
   stored = stored < 65504.0f ? stored : 65504.0f;  // fp16 overflows above 65504
   TQ_BARRIER();
+"""
+
+ENCODE = _ENCODE_CORE + r"""
   if (e < W) {
     uint32_t word = 0;
     const int first = (e * 32) / BITS;
@@ -1383,11 +1388,41 @@ ENCODE = r"""
   }
 """
 
+# The encode of a decode step's tokens written straight into the cache's token rows `dst`
+# ([B, H_kv, capacity, KW + VW + 1] uint32, an input: written in place) at row at[0] onwards,
+# capacity cap[0]: no slice update after it, which costs more host time per layer than the
+# launch itself (docs/kernels.md). `done` is never written with data: readers take it as an
+# input, so mlx orders them after the writes. L_NEW: new tokens per head.
+APPEND = _ENCODE_CORE + r"""
+  const int64_t bh = row / L_NEW;
+  uint32_t* out = const_cast<uint32_t*>(dst) +
+      (bh * (int64_t)cap[0] + (int64_t)at[0] + (row - bh * L_NEW)) * PROW;
+  if (e < W) {
+    uint32_t word = 0;
+    const int first = (e * 32) / BITS;
+    const int last = (e * 32 + 31) / BITS;
+    for (int j = first; j <= last && j < D; ++j) {
+      const int shift = j * BITS - e * 32;
+      word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
+    }
+    out[(is_v ? KW : 0) + e] = word;
+  }
+  if (e == 0) {
+    TQ_STORE_HALF_BITS(out, KW + VW, is_v ? 1 : 0, tq_half_word(stored));
+    if (row == 0 && !is_v) {
+      done[0] = 0u;
+    }
+  }
+"""
+
 ATTENTION_INPUTS = (
     "q", "rot", "keys", "key_norms", "values", "value_norms", "kcent", "vcent", "mask", "pos",
     "meta", "kmean", "omega",
 )  # fmt: skip
 ATTENTION_OUTPUTS = ("o_part", "ml_part")
+# `after`: an array the kernels never read; it orders a launch after the last one that
+# touched the same cache (rows written in place, or the merge's counter; launch._Chain).
+PORTABLE_INPUTS = ATTENTION_INPUTS + ("after",)
 # The tensor-core kernel also merges the spans (REDUCE's work): it takes REDUCE's extra
 # inputs, a counter per (batch, KV head) and `after`, an array it never reads that orders
 # it after the previous launch on the same counter (see launch._Chain).
@@ -1397,14 +1432,18 @@ REDUCE_INPUTS = ("o_part", "ml_part", "sinks", "rot_t", "meta")
 REDUCE_OUTPUTS = ("out",)
 ENCODE_INPUTS = ("xk", "xv_in", "rk", "rv", "bk", "bv", "ck", "cv_in")
 ENCODE_OUTPUTS = ("pk", "nk", "pv", "nv")
+APPEND_INPUTS = ENCODE_INPUTS + ("dst", "at", "cap", "after")
+APPEND_OUTPUTS = ("done",)
 
 OPS = {
-    "attention": (ATTENTION, ATTENTION_INPUTS, ATTENTION_OUTPUTS),
+    "attention": (ATTENTION, PORTABLE_INPUTS, ATTENTION_OUTPUTS),
     "attention_tc": (ATTENTION_TC, ATTENTION_TC_INPUTS, ATTENTION_TC_OUTPUTS),
     "reduce": (REDUCE, REDUCE_INPUTS, REDUCE_OUTPUTS),
     "encode": (ENCODE, ENCODE_INPUTS, ENCODE_OUTPUTS),
+    "append": (APPEND, APPEND_INPUTS, APPEND_OUTPUTS),
 }
 
-# Ops that use CUDA-only instructions (tensor-core mma): other backends return no kernel
-# for them, and their callers take the portable op instead.
-CUDA_ONLY = frozenset({"attention_tc"})
+# Ops that only CUDA runs: the tensor-core mma, and writes into an input (APPEND: mlx's
+# Metal encoder tracks hazards by declared outputs, which nothing here can test). Other
+# backends return no kernel for them, and their callers take the portable op instead.
+CUDA_ONLY = frozenset({"attention_tc", "append"})
