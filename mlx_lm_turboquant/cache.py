@@ -389,7 +389,8 @@ class TurboQuantKVCache(_BaseCache):
     def keys_and_values(self):
         """Handles on the cached keys and values (models that share one layer's KV with
         later layers read them this way; attention on them goes through the dispatcher)."""
-        B, n_kv_heads, T = self.values.shape[0], self.values.shape[1], self.attended_tokens
+        rows = self._packed if self._packed is not None else self.values  # shapes only: no wait
+        B, n_kv_heads, T = rows.shape[0], rows.shape[1], self.attended_tokens
         return (
             CompressedKV(self, "keys", (B, n_kv_heads, T, self.k_dim), self.dtype),
             CompressedKV(self, "values", (B, n_kv_heads, T, self.v_dim), self.dtype),
