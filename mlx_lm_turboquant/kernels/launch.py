@@ -631,6 +631,21 @@ def _rows(x):
     return x
 
 
+def _encodable(key_codec, keys, value_codec, values) -> bool:
+    """Whether the encode kernel's core takes ``keys`` (and ``values``, unless None): head
+    dims a multiple of 32 up to 1024 that the codecs were built for, and values of the keys'
+    shape and dtype with the same norm correction."""
+    D = keys.shape[-1]
+    if D % 32 or not 32 <= D <= 1024 or D != key_codec.dim:
+        return False
+    return values is None or (
+        tuple(values.shape) == tuple(keys.shape)
+        and value_codec.dim == D
+        and values.dtype == keys.dtype
+        and value_codec.norm_correction == key_codec.norm_correction
+    )
+
+
 def encode_kv(kernel, key_codec, keys, value_codec, values, rows=False, compiled=False):
     """Fused twin of ``key_codec.encode(keys)`` and ``value_codec.encode(values)`` in one
     launch: ``(packed_k, norms_k, packed_v, norms_v)``, or None where it does not apply.
@@ -640,14 +655,7 @@ def encode_kv(kernel, key_codec, keys, value_codec, values, rows=False, compiled
     from an ``mx.compile`` graph."""
     *lead, D = keys.shape
     pair = values is not None
-    if kernel("encode") is None or D % 32 or not 32 <= D <= 1024 or D != key_codec.dim:
-        return None
-    if pair and (
-        tuple(values.shape) != tuple(keys.shape)
-        or value_codec.dim != D
-        or values.dtype != keys.dtype
-        or value_codec.norm_correction != key_codec.norm_correction
-    ):
+    if kernel("encode") is None or not _encodable(key_codec, keys, value_codec, values):
         return None
     xk = _rows(keys)
     vc = value_codec if pair else key_codec
@@ -715,11 +723,7 @@ def append_rows(kernel, key_codec, keys, value_codec, values, cache, compiled=Fa
     if (L > MAX_QUERIES or prev + L > cap or rows.dtype != mx.uint32
             or tuple(rows.shape) != (B, H, cap, kw + vw + 1)):  # fmt: skip
         return None
-    if D % 32 or not 32 <= D <= 1024 or key_codec.dim != D or value_codec.dim != D:
-        return None
-    if tuple(values.shape) != tuple(keys.shape) or values.dtype != keys.dtype:
-        return None
-    if value_codec.norm_correction != key_codec.norm_correction:
+    if not _encodable(key_codec, keys, value_codec, values):
         return None
     xk, xv = _rows(keys), _rows(values)
     graph = _append_graph(kernel, B * H, L, D, xk.dtype, key_codec.bits, kw, value_codec.bits,

@@ -1286,8 +1286,8 @@ REDUCE = r"""
 # with KW / VW words. Decode encodes a handful of vectors whose matrices are cold in the
 # cache, so the kernel is bound by load latency: boundaries and centroids go to shared
 # memory while the norm is reduced, and the rotation keeps 32 loads in flight per thread.
-# The encode of new tokens up to its stores (ENCODE and APPEND share it): the codes of
-# this block's vector in c_sh, its norm to store in `stored`.
+# The encode of new tokens up to its stores (ENCODE and APPEND share it): thread e < W
+# holds word e of this block's packed codes in `word`, the norm to store is `stored`.
 _ENCODE_CORE = r"""
   constexpr int NWARPS = D / 32;
   constexpr int PROW = KW + VW + 1;
@@ -1358,17 +1358,19 @@ _ENCODE_CORE = r"""
   }
   stored = stored < 65504.0f ? stored : 65504.0f;  // fp16 overflows above 65504
   TQ_BARRIER();
-"""
-
-ENCODE = _ENCODE_CORE + r"""
+  uint32_t word = 0;
   if (e < W) {
-    uint32_t word = 0;
     const int first = (e * 32) / BITS;
     const int last = (e * 32 + 31) / BITS;
     for (int j = first; j <= last && j < D; ++j) {
       const int shift = j * BITS - e * 32;
       word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
     }
+  }
+"""
+
+ENCODE = _ENCODE_CORE + r"""
+  if (e < W) {
     if (PACKED) {
       pk[row * PROW + (is_v ? KW : 0) + e] = word;
     } else if (is_v) {
@@ -1391,20 +1393,13 @@ ENCODE = _ENCODE_CORE + r"""
 # The encode of a decode step's tokens written straight into the cache's token rows `dst`
 # ([B, H_kv, capacity, KW + VW + 1] uint32, an input: written in place) at row at[0] onwards,
 # capacity cap[0]: no slice update after it, which costs more host time per layer than the
-# launch itself (docs/kernels.md). `done` is never written with data: readers take it as an
+# launch itself (docs/kernels.md). `done` carries no data (one zero): readers take it as an
 # input, so mlx orders them after the writes. L_NEW: new tokens per head.
 APPEND = _ENCODE_CORE + r"""
   const int64_t bh = row / L_NEW;
   uint32_t* out = const_cast<uint32_t*>(dst) +
       (bh * (int64_t)cap[0] + (int64_t)at[0] + (row - bh * L_NEW)) * PROW;
   if (e < W) {
-    uint32_t word = 0;
-    const int first = (e * 32) / BITS;
-    const int last = (e * 32 + 31) / BITS;
-    for (int j = first; j <= last && j < D; ++j) {
-      const int shift = j * BITS - e * 32;
-      word |= shift >= 0 ? (c_sh[j] << shift) : (c_sh[j] >> (-shift));
-    }
     out[(is_v ? KW : 0) + e] = word;
   }
   if (e == 0) {
