@@ -32,6 +32,10 @@ def turboquant_sdpa(
     Returns:
         ``[B, H_q, L, D_v]`` in ``queries.dtype``.
     """
+    if mask is None and sinks is None and cache._lane is not None:
+        out = kernels.fast_attention(cache, queries, scale)  # a decode step repeating the last
+        if out is not None:
+            return out
     if cache.empty():
         raise ValueError("turboquant_sdpa needs a cache holding at least one token")
     if queries.shape[-1] != cache.k_dim:

@@ -138,6 +138,7 @@ class TurboQuantKVCache(_BaseCache):
     # and whether anything outside the cache's own launches may hold the rows buffer.
     _pending = None
     _exposed = True
+    _lane = None  # kernels.Lane: decode steps' way past the dispatcher (never copied)
     _keys = _key_norms = _values = _value_norms = None
     # Whether new caches of this class keep token rows; the sliding-window subclass writes
     # its four arrays in place, so it keeps them apart.
@@ -197,7 +198,9 @@ class TurboQuantKVCache(_BaseCache):
         # would share the buffer, so neither cache may write into it in place any more.
         self._settle()
         self._exposed = True
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        state.pop("_lane", None)  # bound to this cache's launches
+        return state
 
     def _key_words(self):
         return self.scheme.vector_format("keys", self.k_dim)[0]
@@ -266,6 +269,18 @@ class TurboQuantKVCache(_BaseCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Compress and append ``keys`` ``[B, H_kv, L, D_k]`` and ``values`` ``[B, H_kv, L, D_v]``."""
+        if self._lane is not None and not self._exposed and not self.scheme.centre_keys:
+            # A decode step repeating the last one: its set-up replayed (kernels.Lane).
+            done = kernels.fast_append(self, keys, values)
+            if done is not None:
+                self._pending = done
+                self.offset += keys.shape[2]
+                B, n_kv_heads, _, k_dim = keys.shape
+                shape = (B, n_kv_heads, self.offset)
+                return (
+                    CompressedKV(self, "keys", (*shape, k_dim), self.dtype),
+                    CompressedKV(self, "values", (*shape, values.shape[-1]), self.dtype),
+                )
         B, n_kv_heads, L, k_dim = keys.shape
         v_dim = values.shape[-1]
         take_head_dims(self, keys, values)

@@ -732,6 +732,83 @@ def test_emulated_decode_writes_rows_in_place(monkeypatch, scheme, D, L, prefill
     assert cache._pending is None  # reading `packed` waited for the writes
 
 
+def _count_replays(monkeypatch):
+    """Spy on the lane's replays: {"append": [results], "attention": [results]}."""
+    seen = {"append": [], "attention": []}
+    for name, real in (("append", launch.replay_append), ("attention", launch.replay_attention)):
+        def spy(*args, _real=real, _name=name):
+            out = _real(*args)
+            seen[_name].append(out is not None)
+            return out
+
+        monkeypatch.setattr(launch, f"replay_{name}", spy)
+    return seen
+
+
+@needs_gxx
+def test_emulated_lane_replays_decode_steps_exactly(monkeypatch):
+    """After one step through the dispatcher, decode steps replay the cache's recorded
+    set-ups (kernels.Lane): the same rows and outputs as the full path bit for bit, across
+    a growth of the buffer (which the replay declines, the full path grows, and replays
+    resume); queries of another shape, a mask, or a reset take the full path."""
+    D = 64
+    mx.random.seed(7)
+    cache = TurboQuantKVCache("turbo4", layer_index=2)  # 254 tokens: capacity 256
+    cache.update_and_fetch(mx.random.normal((1, 2, 254, D)).astype(mx.float16),
+                           mx.random.normal((1, 2, 254, D)).astype(mx.float16))  # fmt: skip
+    twin = copy.deepcopy(cache)
+    seen = _count_replays(monkeypatch)
+    _emulate(monkeypatch)
+    q = mx.random.normal((1, 4, 1, D)).astype(mx.float16)
+    for step in range(8):
+        twin._lane = None  # the twin goes through the dispatcher every step
+        _decode_step([cache, twin], 1, D, seed=step)
+        out = turboquant_sdpa(q, cache, D**-0.5)
+        assert mx.array_equal(out, turboquant_sdpa(q, twin, D**-0.5)), step
+    assert mx.array_equal(cache.packed, twin.packed)
+    # Step 0 copies the rows the deep copy saw, step 1 binds the in-place encode; step 2
+    # has no room (the full path grows the buffer), step 3 finds a new buffer and rebinds.
+    assert seen["append"] == [False, False, True, True, True, True], seen["append"]
+    assert seen["attention"] == [True, False] + [True] * 5, seen["attention"]
+
+    seen["attention"].clear()
+    q4 = mx.random.normal((1, 4, 4, D)).astype(mx.float16)
+    for queries, mask in ((q4, None), (q, "causal")):
+        out = turboquant_sdpa(queries, cache, D**-0.5, mask=mask)
+        assert mx.array_equal(out, turboquant_sdpa(queries, twin, D**-0.5, mask=mask))
+    # Both caches declined the 4-query call; the masked ones never reached their lanes.
+    assert seen["attention"] == [False, False], seen["attention"]
+    kernels.reset()
+    turboquant_sdpa(q, cache, D**-0.5)
+    assert seen["attention"] == [False, False], seen["attention"]  # stale: not replayed
+    assert copy.deepcopy(cache)._lane is None
+
+
+@needs_gxx
+def test_lane_follows_the_backend_serving_now(monkeypatch):
+    """A lane belongs to the backend that recorded it: once another backend serves (or
+    none does: MLX_TQ_KERNELS=reference on a CPU), decode goes through the dispatcher."""
+    D = 64
+    cache, _, _ = _cache("turbo4", D)
+    q = mx.random.normal((1, 4, 1, D)).astype(mx.float16)
+    module = _emulate(monkeypatch)
+    for step in range(2):
+        _decode_step([cache], 1, D, seed=step)
+        turboquant_sdpa(q, cache, D**-0.5)
+    assert cache._lane is not None and cache._lane.current()
+    seen = _count_replays(monkeypatch)
+    monkeypatch.setattr(kernels, "active_backend", lambda: None)  # the pure-MLX path
+    _decode_step([cache], 1, D, seed=5)
+    out = turboquant_sdpa(q, cache, D**-0.5)
+    assert seen == {"append": [], "attention": []}
+    monkeypatch.setattr(kernels, "active_backend", lambda: module)  # serving again
+    for seed in (6, 7):  # the pure path read `packed`: the first update copies the rows
+        _decode_step([cache], 1, D, seed=seed)
+        out = turboquant_sdpa(q, cache, D**-0.5)
+    assert seen == {"append": [True], "attention": [True, True]}
+    assert mx.allclose(out, reference_sdpa(q, cache, D**-0.5), atol=1e-3)
+
+
 @needs_gxx
 def test_rows_seen_outside_the_cache_are_never_written_in_place(monkeypatch):
     """A state taken from the cache, and a deep copy of it, keep their values when the cache

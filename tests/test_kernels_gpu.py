@@ -11,7 +11,7 @@ import time
 import mlx.core as mx
 import pytest
 
-from mlx_lm_turboquant import TurboQuantKVCache, kernels
+from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.codec import get_codec
 from mlx_lm_turboquant.codec.centring import RopeFrame
 from mlx_lm_turboquant.config import builtin_scheme_names, parse_scheme
@@ -315,7 +315,9 @@ def test_rows_written_in_place_reach_every_later_launch(scheme):
     """Decode steps built lazily as mlx-lm's loop builds them (nothing evaluated between
     steps, each layer's output feeding the next one's keys): the encodes that write their
     rows in place order every later attention after them, so the result is bit for bit
-    that of slice updates. 250 tokens first: the buffers grow during the steps."""
+    that of slice updates. 250 tokens first: the buffers grow during the steps. The steps
+    go through the dispatcher, so from the second one on they replay each cache's recorded
+    set-ups (kernels.Lane); the slice-update twin takes the full path every step."""
     mx.random.seed(SEED)
     D, n_layers = 128, 4
     k = mx.random.normal((1, 2, 250, D)).astype(mx.bfloat16) * 2
@@ -329,15 +331,17 @@ def test_rows_written_in_place_reach_every_later_launch(scheme):
         x, wrote = q, 0
         for _ in range(24):
             for c in caches:
-                c._exposed = c._exposed or not in_place  # not in place: a slice update
+                if not in_place:  # a slice update, and no lane
+                    c._exposed, c._lane = True, None
                 c.update_and_fetch(x[:, :2], x[:, 2:4] * 0.5)
                 wrote += c._pending is not None
-                x = BACKEND.decode_attention(x, c, D**-0.5)
-        return x, [c.packed for c in caches], wrote
+                x = turboquant_sdpa(x, c, D**-0.5)
+        lanes = sum(c._lane is not None and c._lane.attention is not None for c in caches)
+        return x, [c.packed for c in caches], wrote, lanes
 
-    x, rows, wrote = decode(True)
-    x_ref, rows_ref, wrote_ref = decode(False)
-    assert wrote_ref == 0 and wrote >= 20 * n_layers, (wrote, SEED)
+    x, rows, wrote, lanes = decode(True)
+    x_ref, rows_ref, wrote_ref, _ = decode(False)
+    assert wrote_ref == 0 and wrote >= 20 * n_layers and lanes == n_layers, (wrote, SEED)
     assert mx.array_equal(x, x_ref), f"seed {SEED}"
     assert all(mx.array_equal(a, b) for a, b in zip(rows, rows_ref)), f"seed {SEED}"
 

@@ -96,9 +96,12 @@ def run(op: str, *args, **kwargs):
         result = getattr(module, op)(*args, **kwargs)
         if result is not None and launch.builds != built:  # a configuration's first call
             mx.eval(result)
+        if result is not None and op in _LANE_OPS:
+            _bind_lane(module, op, args, kwargs)
         return result
     except Exception as err:  # a build or launch failure on this machine
         _disabled.add((backend, op))
+        launch.epoch += 1  # lanes bound to the failed kernel go stale
         warnings.warn(
             f"mlx-lm-turboquant: the {backend} '{op}' kernel failed ({type(err).__name__}: "
             f"{err}); using the pure-MLX path from now on",
@@ -106,6 +109,64 @@ def run(op: str, *args, **kwargs):
             stacklevel=3,
         )
         return None
+
+
+class Lane:
+    """A cache's way past the dispatcher for decode steps, which repeat one configuration
+    per layer: the backend that served the cache's last in-place encode and attention, and
+    the launch set-ups they used (``launch.replay_append`` / ``replay_attention``, which
+    check what changes per step). Stale once the backend serving now, ``launch.epoch``
+    (reset, a kernel switched off) or the backend's ``COMPILED`` differ. Saves most of the
+    host time of the dispatch per layer (docs/kernels.md)."""
+
+    __slots__ = ("module", "epoch", "compiled", "chain", "append", "attention")
+
+    def __init__(self, module, chain):
+        self.module, self.chain = module, chain
+        self.epoch, self.compiled = launch.epoch, getattr(module, "COMPILED", None)
+        self.append = self.attention = None
+
+    def current(self) -> bool:
+        return (
+            self.epoch == launch.epoch
+            and active_backend() is self.module
+            and getattr(self.module, "COMPILED", None) == self.compiled
+        )
+
+
+_LANE_OPS = ("append_rows", "decode_attention")
+
+
+def _bind_lane(module, op, args, kwargs):
+    """After ``op`` ran on a cache: keep the set-up it recorded in the cache's lane."""
+    cache = args[4] if op == "append_rows" else args[1]
+    if not hasattr(cache, "_lane"):
+        return
+    lane = cache._lane
+    if lane is None or lane.module is not module or not lane.current():
+        lane = cache._lane = Lane(module, launch.chain_of(cache))
+    if op == "append_rows":
+        lane.append = lane.chain.append  # this call's, or None
+    elif kwargs.get("mask") is None and kwargs.get("sinks") is None and lane.chain.fast:
+        replay = lane.chain.fast[-1]  # None where the set-up may not be replayed
+        if replay is not None and replay[0] == args[0].shape and replay[3] is cache._packed:
+            lane.attention = replay  # this call's (an earlier one's has other rows)
+
+
+def fast_append(cache, keys, values):
+    """``append_rows`` by the cache's lane: the ``done`` array, or None (take the full path)."""
+    lane = cache._lane
+    if lane is None or lane.append is None or not lane.current():
+        return None
+    return launch.replay_append(lane.append, lane.chain, cache, keys, values)
+
+
+def fast_attention(cache, queries, scale):
+    """``decode_attention`` without mask or sinks by the cache's lane, or None."""
+    lane = cache._lane
+    if lane is None or lane.attention is None or not lane.current():
+        return None
+    return launch.replay_attention(lane.attention, lane.chain, cache, queries, scale)
 
 
 def reset():

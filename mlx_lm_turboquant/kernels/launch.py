@@ -327,13 +327,18 @@ def _count_build():
     builds += 1
 
 
+epoch = 0  # counts forget_configurations calls: set-ups bound before it are stale (kernels.Lane)
+
+
 def forget_configurations():
     """Drop the memoized set-ups, so each configuration counts as new again."""
+    global epoch
+    epoch += 1
     _launch.cache_clear()
     _encode_graph.cache_clear()
     _append_graph.cache_clear()
     for chain in list(_CHAINS.values()):
-        chain.fast = None
+        chain.fast = chain.append = None
 
 
 _TOKEN_COUNTS = {}  # token count -> int32 [1] device array, shared by every layer and cache
@@ -387,12 +392,15 @@ class _Chain:
     per (batch, KV head) that each launch counts up and its last block resets. Separate
     caches have separate chains and stay free to overlap."""
 
-    __slots__ = ("counter", "last", "fast", "__weakref__")
+    __slots__ = ("counter", "last", "fast", "append", "__weakref__")
 
     def __init__(self):
         self.counter = None
         self.last = None
-        self.fast = None  # decode_attention's last set-up: (key, setup, n_splits, meta)
+        # decode_attention's last set-up: (key, setup, n_splits, meta, replay), replay as
+        # replay_attention takes it; append_rows's last one, as replay_append takes it.
+        self.fast = None
+        self.append = None
 
 
 _CHAINS = weakref.WeakKeyDictionary()  # cache -> _Chain; a copied cache starts its own
@@ -491,6 +499,7 @@ def decode_attention(
     """
     packed = getattr(cache, "_packed", None)  # not `packed`: that waits on rows written in place
     chain = _chain(cache)
+    tensor_cores_arg = tensor_cores
     if tensor_cores is None:
         tensor_cores = tensor_cores_enabled()
     fast_key = None
@@ -502,7 +511,7 @@ def decode_attention(
                     tensor_cores, wide_bytes, _bulk(), TARGET_BLOCKS, MIN_SPAN, cache.scheme,
                     cache.layer_index, cache.v_dim, packed.shape)  # fmt: skip
         if chain.fast is not None and chain.fast[0] == fast_key:
-            _, setup, n_splits, meta = chain.fast
+            _, setup, n_splits, meta, _ = chain.fast
             return _run(setup, chain, queries, scale, packed, packed, _dummy(mx.float16),
                         _dummy(mx.float16), None, device_tokens(cache), meta, None, None,
                         None, n_splits)  # fmt: skip
@@ -531,7 +540,13 @@ def decode_attention(
     n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS, MIN_SPAN,
                              setup.max_splits)  # fmt: skip
     if fast_key is not None:
-        chain.fast = (fast_key, setup, n_splits, meta)
+        # What a replay must find unchanged; only a set-up taking the tensor-core setting
+        # from the environment may be replayed (a caller's explicit choice is not checked).
+        replay = None
+        if tensor_cores_arg is None:
+            replay = (queries.shape, queries.dtype, scale, packed, _settings(), setup, n_splits,
+                      meta)  # fmt: skip
+        chain.fast = (fast_key, setup, n_splits, meta, replay)
     if packed is not None:  # one array of rows holds codes and norms of keys and values
         keys = values = packed
         key_norms = value_norms = _dummy(mx.float16)
@@ -567,6 +582,30 @@ def _run(setup, chain, queries, scale, keys, values, key_norms, value_norms, mas
     )  # fmt: skip
     chain.last = out
     return out
+
+
+def _settings() -> tuple:
+    """The module settings and environment a recorded set-up depends on (replay_attention)."""
+    return (TARGET_BLOCKS, MIN_SPAN, _bulk(), os.environ.get(TENSOR_CORES_ENV))
+
+
+def chain_of(cache) -> "_Chain":
+    """The cache's chain of launches (see :class:`_Chain`)."""
+    return _chain(cache)
+
+
+def replay_attention(replay, chain, cache, queries, scale):
+    """The attention launch of a set-up ``decode_attention`` recorded on ``cache`` (its
+    ``chain.fast[-1]``), for decode steps that repeat it: None where the queries, the scale,
+    the rows buffer or the settings differ (the caller then takes the full path). Only the
+    set-up's backend may call this (kernels.Lane checks that); no mask, no sinks."""
+    q_shape, q_dtype, q_scale, rows, settings, setup, n_splits, meta = replay
+    if (queries.shape != q_shape or queries.dtype != q_dtype or scale != q_scale
+            or cache._packed is not rows or _settings() != settings):  # fmt: skip
+        return None
+    d16 = _dummy(mx.float16)
+    return _run(setup, chain, queries, scale, rows, rows, d16, d16, None,
+                device_tokens(cache), meta, None, None, None, n_splits)  # fmt: skip
 
 
 def _bulk() -> tuple:
@@ -729,9 +768,30 @@ def append_rows(kernel, key_codec, keys, value_codec, values, cache, compiled=Fa
     graph = _append_graph(kernel, B * H, L, D, xk.dtype, key_codec.bits, kw, value_codec.bits,
                           vw, key_codec.norm_correction, compiled)  # fmt: skip
     chain = _chain(cache)
-    done = graph(xk, xv, key_codec.rotation.matrix, value_codec.rotation.matrix,
-                 key_codec.boundaries, value_codec.boundaries, key_codec.centroids,
-                 value_codec.centroids, rows, device_count(prev), device_count(cap),
+    consts = (key_codec.rotation.matrix, value_codec.rotation.matrix, key_codec.boundaries,
+              value_codec.boundaries, key_codec.centroids, value_codec.centroids)  # fmt: skip
+    done = graph(xk, xv, *consts, rows, device_count(prev), device_count(cap),
+                 _dummy() if chain.last is None else chain.last)  # fmt: skip
+    chain.last = done
+    chain.append = None  # this call's set-up, where a replay may repeat it (float inputs)
+    if xk is keys and xv is values:
+        chain.append = (keys.shape, keys.dtype, values.shape, values.dtype, rows, cap, graph,
+                        consts, device_count(cap))  # fmt: skip
+    return done
+
+
+def replay_append(replay, chain, cache, keys, values):
+    """The in-place encode of a set-up ``append_rows`` recorded on ``cache`` (its
+    ``chain.append``), for decode steps that repeat it: the launch's ``done``, or None
+    where the new tokens' shapes or dtypes, the rows buffer or its room differ (the caller
+    then takes the full path). Only the set-up's backend may call this (kernels.Lane)."""
+    k_shape, k_dtype, v_shape, v_dtype, rows, cap, graph, consts, cap_count = replay
+    prev = cache.offset
+    if (keys.shape != k_shape or values.shape != v_shape or keys.dtype != k_dtype
+            or values.dtype != v_dtype or cache._packed is not rows
+            or prev + k_shape[2] > cap):  # fmt: skip
+        return None
+    done = graph(keys, values, *consts, rows, device_count(prev), cap_count,
                  _dummy() if chain.last is None else chain.last)  # fmt: skip
     chain.last = done
     return done
