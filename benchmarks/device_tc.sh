@@ -30,7 +30,8 @@ case "${1:-smoke}" in
   profile)
     kinds=${PROFILE_KINDS:-fp16 turbo4 turbo3}
     for T in ${PROFILE_CONTEXTS:-4096 32768}; do
-      timeout ${PROFILE_S:-240} /usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum \
+      timeout ${PROFILE_S:-240} /usr/local/cuda/bin/ncu --csv ${PROFILE_CLOCKS:+--clock-control $PROFILE_CLOCKS} \
+        --metrics gpu__time_duration.sum \
         --profile-from-start off python3 benchmarks/profile_step.py --context $T \
         --kinds $kinds > $OUT/step_$T.csv 2> $OUT/step_$T.err
       python3 benchmarks/profile_step.py --summarize $OUT/step_$T.csv --json $OUT/step_$T.json \

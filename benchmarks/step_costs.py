@@ -11,6 +11,7 @@ time per step with the next step built while the GPU runs the last one.
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -40,6 +41,62 @@ def run_copy(x):
     (y,) = copy_kernel()(inputs=[x], grid=(x.size, 1, 1), threadgroup=(min(x.size, 1024), 1, 1),
                          output_shapes=[x.shape], output_dtypes=[x.dtype])  # fmt: skip
     return y
+
+
+_WIDE = {}
+_TEMPLATE = [(f"T{i}", i) for i in range(24)] + [("QT", mx.bfloat16)]
+
+
+def run_wide(xs, big):
+    """A trivial kernel taking 17 inputs and returning 3 outputs; with ``big`` also 25
+    template arguments and a 40 KB source, as the tensor-core attention kernel has."""
+    if big not in _WIDE:
+        names = [f"x{i}" for i in range(len(xs))]
+        pad = "// padding as long as the real kernel's source\n" * 800 if big else ""
+        _WIDE[big] = mx.fast.cuda_kernel(
+            name=f"step_costs_wide_{int(big)}", input_names=names,
+            output_names=["a", "b", "y"], source=pad + "int i = threadIdx.x; y[i] = x0[i];",
+        )  # fmt: skip
+    a, b, y = _WIDE[big](inputs=list(xs), grid=(128, 1, 1), threadgroup=(128, 1, 1),
+                         template=_TEMPLATE if big else None,
+                         output_shapes=[(4,), (4,), xs[0].shape],
+                         output_dtypes=[mx.float32, mx.float32, xs[0].dtype])  # fmt: skip
+    return y
+
+
+compiled_wide = mx.compile(lambda *xs: run_wide(xs, True))
+
+
+def run_n(n, template=False):
+    """A trivial kernel of ``n`` inputs, called directly (with ``template``: 25 arguments)."""
+    k = mx.fast.cuda_kernel(name=f"step_costs_n{n}", input_names=[f"x{i}" for i in range(n)],
+                            output_names=["y"], source="int i = threadIdx.x; y[i] = x0[i];")
+
+    def run(*xs):
+        (y,) = k(inputs=list(xs), grid=(128, 1, 1), threadgroup=(128, 1, 1),
+                 template=_TEMPLATE if template else None, output_shapes=[xs[0].shape],
+                 output_dtypes=[xs[0].dtype])  # fmt: skip
+        return y
+
+    return run
+
+
+def replay_kernel(n, outs):
+    """``mx.compile`` of a trivial kernel with ``n`` inputs and ``outs`` outputs."""
+    names = ["y", "a", "b"][:outs]
+    k = mx.fast.cuda_kernel(name=f"step_costs_r{n}_{outs}", input_names=[f"x{i}" for i in range(n)],
+                            output_names=names, source="int i = threadIdx.x; y[i] = x0[i];")
+
+    def run(*xs):
+        return k(inputs=list(xs), grid=(128, 1, 1), threadgroup=(128, 1, 1),
+                 output_shapes=[xs[0].shape] * outs, output_dtypes=[xs[0].dtype] * outs)[0]
+
+    return mx.compile(run)
+
+
+def replay_add(n):
+    """``mx.compile`` of one add taking the first of ``n`` inputs (the rest unread)."""
+    return mx.compile(lambda *xs: xs[0] + 1)
 
 
 def make_variants(T):
@@ -178,7 +235,30 @@ def call_costs(T, calls=400):
         c.update_and_fetch(kv, kv)
         c.trim(1)
 
-    pieces = {
+    chain = launch._chain(c)
+    launch.decode_attention(kern, cuda.SHARED_BYTES, q, c, 0.1, compiled=True)
+    _, setup, n_splits, meta, _ = chain.fast
+    count, d16 = launch.device_tokens(c), launch._dummy(mx.float16)
+    rows_ = c._packed
+    wide = [q] * 17  # a custom kernel's fixed costs: inputs, template, source size, compile
+
+    def replay_attention():
+        return launch._run(setup, chain, q, 0.1, rows_, rows_, d16, d16, None, count, meta,
+                           None, None, None, n_splits)  # fmt: skip
+
+    pieces = {}
+    for n in (1, 6, 12, 18):  # what a replay costs per input: custom kernel, then an add
+        for outs in (1, 3):
+            fn = replay_kernel(n, outs)
+            pieces[f"mx.compile'd trivial kernel, {n} in, {outs} out"] = partial(fn, *wide[:1] * n)
+        pieces[f"mx.compile'd add, {n} inputs"] = partial(replay_add(n), *wide[:1] * n)
+        pieces[f"trivial kernel, {n} inputs"] = partial(run_n(n), *wide[:1] * n)
+        pieces[f"trivial kernel, {n} inputs, template"] = partial(run_n(n, True), *wide[:1] * n)
+    pieces |= {
+        "trivial custom kernel, 17 inputs": lambda: run_wide(wide, big=False),
+        "trivial kernel, 17 in, template, 40 KB": lambda: run_wide(wide, big=True),
+        "the same, mx.compile": lambda: compiled_wide(*wide),
+        "attention graph replay (launch._run)": replay_attention,
         "add": lambda: q + 1,
         "trivial custom kernel": lambda: run_copy(q),
         "fp16 sdpa": lambda: mx.fast.scaled_dot_product_attention(q, f.keys[:, :, :T],
@@ -196,8 +276,9 @@ def call_costs(T, calls=400):
     }  # fmt: skip
     rows = []
     for name, fn in pieces.items():
-        out = fn()
-        mx.eval(out if out is not None else [])  # builds, compiles
+        for _ in range(3):  # builds and compiles; a cache's first update may copy its rows
+            out = fn()  # and the next one binds the in-place encode (a kernel of its own)
+            mx.eval(out if out is not None else [])
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
