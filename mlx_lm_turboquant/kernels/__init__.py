@@ -10,6 +10,8 @@ Dispatch rule, one place for every op:
     pure-MLX path, with exactly one ``RuntimeWarning`` per (backend, op). mlx builds a kernel
     lazily, so the first call of each kernel configuration (a new entry in ``launch``'s
     memoized set-ups) is evaluated eagerly inside the guard; later calls stay lazy.
+  * A decode step repeating a cache's last in-place encode or attention replays it from the
+    cache's :class:`Lane` without this dispatch, only while the same backend serves.
 """
 
 import importlib
