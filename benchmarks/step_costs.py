@@ -43,55 +43,26 @@ def run_copy(x):
     return y
 
 
-_WIDE = {}
 _TEMPLATE = [(f"T{i}", i) for i in range(24)] + [("QT", mx.bfloat16)]
+_PAD = "// padding as long as the tensor-core attention kernel's source\n" * 800
 
 
-def run_wide(xs, big):
-    """A trivial kernel taking 17 inputs and returning 3 outputs; with ``big`` also 25
-    template arguments and a 40 KB source, as the tensor-core attention kernel has."""
-    if big not in _WIDE:
-        names = [f"x{i}" for i in range(len(xs))]
-        pad = "// padding as long as the real kernel's source\n" * 800 if big else ""
-        _WIDE[big] = mx.fast.cuda_kernel(
-            name=f"step_costs_wide_{int(big)}", input_names=names,
-            output_names=["a", "b", "y"], source=pad + "int i = threadIdx.x; y[i] = x0[i];",
-        )  # fmt: skip
-    a, b, y = _WIDE[big](inputs=list(xs), grid=(128, 1, 1), threadgroup=(128, 1, 1),
-                         template=_TEMPLATE if big else None,
-                         output_shapes=[(4,), (4,), xs[0].shape],
-                         output_dtypes=[mx.float32, mx.float32, xs[0].dtype])  # fmt: skip
-    return y
-
-
-compiled_wide = mx.compile(lambda *xs: run_wide(xs, True))
-
-
-def run_n(n, template=False):
-    """A trivial kernel of ``n`` inputs, called directly (with ``template``: 25 arguments)."""
-    k = mx.fast.cuda_kernel(name=f"step_costs_n{n}", input_names=[f"x{i}" for i in range(n)],
-                            output_names=["y"], source="int i = threadIdx.x; y[i] = x0[i];")
-
-    def run(*xs):
-        (y,) = k(inputs=list(xs), grid=(128, 1, 1), threadgroup=(128, 1, 1),
-                 template=_TEMPLATE if template else None, output_shapes=[xs[0].shape],
-                 output_dtypes=[xs[0].dtype])  # fmt: skip
-        return y
-
-    return run
-
-
-def replay_kernel(n, outs):
-    """``mx.compile`` of a trivial kernel with ``n`` inputs and ``outs`` outputs."""
-    names = ["y", "a", "b"][:outs]
-    k = mx.fast.cuda_kernel(name=f"step_costs_r{n}_{outs}", input_names=[f"x{i}" for i in range(n)],
-                            output_names=names, source="int i = threadIdx.x; y[i] = x0[i];")
+def trivial_kernel(n, outs=1, template=False, big_source=False):
+    """A trivial custom kernel (one block copying 128 values) of ``n`` inputs and ``outs``
+    outputs, as a function of its inputs; with ``template`` also 25 template arguments and
+    with ``big_source`` a 40 KB source, as the tensor-core attention kernel has."""
+    k = mx.fast.cuda_kernel(
+        name=f"step_costs_{n}_{outs}_{int(big_source)}", input_names=[f"x{i}" for i in range(n)],
+        output_names=["y", "a", "b"][:outs],
+        source=(_PAD if big_source else "") + "int i = threadIdx.x; y[i] = x0[i];",
+    )  # fmt: skip
 
     def run(*xs):
         return k(inputs=list(xs), grid=(128, 1, 1), threadgroup=(128, 1, 1),
-                 output_shapes=[xs[0].shape] * outs, output_dtypes=[xs[0].dtype] * outs)[0]
+                 template=_TEMPLATE if template else None, output_shapes=[xs[0].shape] * outs,
+                 output_dtypes=[xs[0].dtype] * outs)[0]  # fmt: skip
 
-    return mx.compile(run)
+    return run
 
 
 def replay_add(n):
@@ -248,16 +219,18 @@ def call_costs(T, calls=400):
 
     pieces = {}
     for n in (1, 6, 12, 18):  # what a replay costs per input: custom kernel, then an add
+        xs = [q] * n
         for outs in (1, 3):
-            fn = replay_kernel(n, outs)
-            pieces[f"mx.compile'd trivial kernel, {n} in, {outs} out"] = partial(fn, *wide[:1] * n)
-        pieces[f"mx.compile'd add, {n} inputs"] = partial(replay_add(n), *wide[:1] * n)
-        pieces[f"trivial kernel, {n} inputs"] = partial(run_n(n), *wide[:1] * n)
-        pieces[f"trivial kernel, {n} inputs, template"] = partial(run_n(n, True), *wide[:1] * n)
+            fn = mx.compile(trivial_kernel(n, outs))
+            pieces[f"mx.compile'd trivial kernel, {n} in, {outs} out"] = partial(fn, *xs)
+        pieces[f"mx.compile'd add, {n} inputs"] = partial(replay_add(n), *xs)
+        pieces[f"trivial kernel, {n} inputs"] = partial(trivial_kernel(n), *xs)
+        pieces[f"trivial kernel, {n} inputs, template"] = partial(trivial_kernel(n, 1, True), *xs)
+    big = trivial_kernel(17, 3, template=True, big_source=True)
     pieces |= {
-        "trivial custom kernel, 17 inputs": lambda: run_wide(wide, big=False),
-        "trivial kernel, 17 in, template, 40 KB": lambda: run_wide(wide, big=True),
-        "the same, mx.compile": lambda: compiled_wide(*wide),
+        "trivial custom kernel, 17 inputs": partial(trivial_kernel(17, 3), *wide),
+        "trivial kernel, 17 in, template, 40 KB": partial(big, *wide),
+        "the same, mx.compile": partial(mx.compile(big), *wide),
         "attention graph replay (launch._run)": replay_attention,
         "add": lambda: q + 1,
         "trivial custom kernel": lambda: run_copy(q),

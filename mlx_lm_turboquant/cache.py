@@ -275,14 +275,7 @@ class TurboQuantKVCache(_BaseCache):
             if done is not None:
                 self._pending = done
                 self.offset += keys.shape[2]
-                B, n_kv_heads, _, k_dim = keys.shape
-                shape = (B, n_kv_heads, self.offset)
-                return (
-                    CompressedKV(self, "keys", (*shape, k_dim), self.dtype),
-                    CompressedKV(self, "values", (*shape, values.shape[-1]), self.dtype),
-                )
-        B, n_kv_heads, L, k_dim = keys.shape
-        v_dim = values.shape[-1]
+                return self._handles(keys.shape[0], keys.shape[1], self.offset)
         take_head_dims(self, keys, values)
         stored_keys = self._centred(keys) if self.scheme.centre_keys else keys
         if self._keeps_rows():
@@ -291,9 +284,13 @@ class TurboQuantKVCache(_BaseCache):
             self._append(stored_keys, values)
         if self.scheme.window:
             self._keep_recent(keys, values)
+        return self._handles(keys.shape[0], keys.shape[1], self.offset)
+
+    def _handles(self, B, n_kv_heads, T):
+        """``(keys, values)`` handles on the first ``T`` tokens (:class:`CompressedKV`)."""
         return (
-            CompressedKV(self, "keys", (B, n_kv_heads, self.offset, k_dim), self.dtype),
-            CompressedKV(self, "values", (B, n_kv_heads, self.offset, v_dim), self.dtype),
+            CompressedKV(self, "keys", (B, n_kv_heads, T, self.k_dim), self.dtype),
+            CompressedKV(self, "values", (B, n_kv_heads, T, self.v_dim), self.dtype),
         )
 
     def _append_rows(self, keys, values):
@@ -405,11 +402,7 @@ class TurboQuantKVCache(_BaseCache):
         """Handles on the cached keys and values (models that share one layer's KV with
         later layers read them this way; attention on them goes through the dispatcher)."""
         rows = self._packed if self._packed is not None else self.values  # shapes only: no wait
-        B, n_kv_heads, T = rows.shape[0], rows.shape[1], self.attended_tokens
-        return (
-            CompressedKV(self, "keys", (B, n_kv_heads, T, self.k_dim), self.dtype),
-            CompressedKV(self, "values", (B, n_kv_heads, T, self.v_dim), self.dtype),
-        )
+        return self._handles(rows.shape[0], rows.shape[1], self.attended_tokens)
 
     @property
     def attended_tokens(self) -> int:

@@ -146,7 +146,7 @@ def _bind_lane(module, op, args, kwargs):
         return
     lane = cache._lane
     if lane is None or lane.module is not module or not lane.current():
-        lane = cache._lane = Lane(module, launch.chain_of(cache))
+        lane = cache._lane = Lane(module, launch._chain(cache))
     if op == "append_rows":
         lane.append = lane.chain.append  # this call's, or None
     elif kwargs.get("mask") is None and kwargs.get("sinks") is None and lane.chain.fast:

@@ -512,9 +512,7 @@ def decode_attention(
                     cache.layer_index, cache.v_dim, packed.shape)  # fmt: skip
         if chain.fast is not None and chain.fast[0] == fast_key:
             _, setup, n_splits, meta, _ = chain.fast
-            return _run(setup, chain, queries, scale, packed, packed, _dummy(mx.float16),
-                        _dummy(mx.float16), None, device_tokens(cache), meta, None, None,
-                        None, n_splits)  # fmt: skip
+            return _run_rows(setup, chain, cache, queries, scale, packed, meta, n_splits)
     B, n_q_heads, L, D = queries.shape
     if cache.v_dim != D:
         return None
@@ -589,11 +587,6 @@ def _settings() -> tuple:
     return (TARGET_BLOCKS, MIN_SPAN, _bulk(), os.environ.get(TENSOR_CORES_ENV))
 
 
-def chain_of(cache) -> "_Chain":
-    """The cache's chain of launches (see :class:`_Chain`)."""
-    return _chain(cache)
-
-
 def replay_attention(replay, chain, cache, queries, scale):
     """The attention launch of a set-up ``decode_attention`` recorded on ``cache`` (its
     ``chain.fast[-1]``), for decode steps that repeat it: None where the queries, the scale,
@@ -603,6 +596,11 @@ def replay_attention(replay, chain, cache, queries, scale):
     if (queries.shape != q_shape or queries.dtype != q_dtype or scale != q_scale
             or cache._packed is not rows or _settings() != settings):  # fmt: skip
         return None
+    return _run_rows(setup, chain, cache, queries, scale, rows, meta, n_splits)
+
+
+def _run_rows(setup, chain, cache, queries, scale, rows, meta, n_splits):
+    """:func:`_run` on a cache's token rows, with no mask, mean, sinks or separate norms."""
     d16 = _dummy(mx.float16)
     return _run(setup, chain, queries, scale, rows, rows, d16, d16, None,
                 device_tokens(cache), meta, None, None, None, n_splits)  # fmt: skip
@@ -770,9 +768,7 @@ def append_rows(kernel, key_codec, keys, value_codec, values, cache, compiled=Fa
     chain = _chain(cache)
     consts = (key_codec.rotation.matrix, value_codec.rotation.matrix, key_codec.boundaries,
               value_codec.boundaries, key_codec.centroids, value_codec.centroids)  # fmt: skip
-    done = graph(xk, xv, *consts, rows, device_count(prev), device_count(cap),
-                 _dummy() if chain.last is None else chain.last)  # fmt: skip
-    chain.last = done
+    done = _launch_append(graph, chain, xk, xv, consts, rows, prev, device_count(cap))
     chain.append = None  # this call's set-up, where a replay may repeat it (float inputs)
     if xk is keys and xv is values:
         chain.append = (keys.shape, keys.dtype, values.shape, values.dtype, rows, cap, graph,
@@ -791,7 +787,12 @@ def replay_append(replay, chain, cache, keys, values):
             or values.dtype != v_dtype or cache._packed is not rows
             or prev + k_shape[2] > cap):  # fmt: skip
         return None
-    done = graph(keys, values, *consts, rows, device_count(prev), cap_count,
+    return _launch_append(graph, chain, keys, values, consts, rows, prev, cap_count)
+
+
+def _launch_append(graph, chain, xk, xv, consts, rows, at, cap_count):
+    """One in-place encode launch at row ``at``, after the cache's last launch."""
+    done = graph(xk, xv, *consts, rows, device_count(at), cap_count,
                  _dummy() if chain.last is None else chain.last)  # fmt: skip
     chain.last = done
     return done
