@@ -161,28 +161,37 @@ def _kernel_variant(name):
     ``mx.compile`` graphs; on sm_90 and later, ``scheme:loads`` the tensor-core kernel
     with loads of its token rows and wide table rows instead of bulk copies, and
     ``scheme:narrow`` with loads and narrow table rows (what other GPUs get), and
-    ``scheme:bulkN`` with bulk copies N steps ahead (for any size of token rows)."""
+    ``scheme:bulkN`` with bulk copies N steps ahead (for any size of token rows);
+    ``scheme:blocksN`` about N blocks per attention call (``launch.TARGET_BLOCKS``).
+    Several join with ``+``: ``turbo4:bulk3+blocks264``."""
     from mlx_lm_turboquant.kernels import cuda, launch
 
-    variant = name.split(":")[1] if ":" in name else ""
-    steps = variant[4:] if variant.startswith("bulk") else ""
-    if variant not in ("", "portable", "apart", "uncompiled", "loads", "narrow") and not (
-        steps.isdigit() and int(steps) >= 2
-    ):
-        raise ValueError(f"unknown kernel variant {variant!r} in {name!r}; allowed: portable, "
-                         "apart, uncompiled, loads, narrow, bulkN (N >= 2)")  # fmt: skip
+    variants = name.split(":")[1].split("+") if ":" in name else []
+    allowed = ("portable", "apart", "uncompiled", "loads", "narrow")
+    numbered = {"bulk": 2, "blocks": 1}  # prefix: least N
+    number = {}
+    for v in variants:
+        prefix = next((k for k in numbered if v.startswith(k)), None)
+        n = v[len(prefix):] if prefix else ""
+        if prefix and n.isdigit() and int(n) >= numbered[prefix]:
+            number[prefix] = int(n)
+        elif v not in allowed:
+            raise ValueError(f"unknown kernel variant {v!r} in {name!r}; allowed: "
+                             f"{', '.join(allowed)}, bulkN (N >= 2), blocksN (N >= 1), "
+                             "joined with +")  # fmt: skip
     old = os.environ.get(TENSOR_CORES_ENV)
-    if variant == "portable":
+    if "portable" in variants:
         os.environ[TENSOR_CORES_ENV] = "0"
-    TurboQuantKVCache.packs_rows = variant != "apart"
-    cuda.COMPILED = variant != "uncompiled"
+    TurboQuantKVCache.packs_rows = "apart" not in variants
+    cuda.COMPILED = "uncompiled" not in variants
     wide_bytes = cuda.wide_bytes
-    if variant == "narrow":
+    if "narrow" in variants:
         cuda.wide_bytes = lambda: 0
-    launch.BULK_COPIES = variant not in ("loads", "narrow")
-    bulk_steps, min_bytes = launch.BULK_STEPS, launch.BULK_MIN_BYTES
-    if steps:
-        launch.BULK_STEPS, launch.BULK_MIN_BYTES = int(steps), 0
+    launch.BULK_COPIES = not {"loads", "narrow"} & set(variants)
+    bulk_steps, min_bytes, blocks = launch.BULK_STEPS, launch.BULK_MIN_BYTES, launch.TARGET_BLOCKS
+    if "bulk" in number:
+        launch.BULK_STEPS, launch.BULK_MIN_BYTES = number["bulk"], 0
+    launch.TARGET_BLOCKS = number.get("blocks", blocks)
     try:
         yield
     finally:
@@ -191,6 +200,7 @@ def _kernel_variant(name):
         cuda.wide_bytes = wide_bytes
         launch.BULK_COPIES = True
         launch.BULK_STEPS, launch.BULK_MIN_BYTES = bulk_steps, min_bytes
+        launch.TARGET_BLOCKS = blocks
         os.environ.pop(TENSOR_CORES_ENV, None)
         if old is not None:
             os.environ[TENSOR_CORES_ENV] = old

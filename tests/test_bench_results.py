@@ -158,3 +158,21 @@ def test_register_report_reads_ptxas_and_counts_blocks():
     assert regs.tensor_core_source("turbo4", sm90=False)[1] == 4 * 256 * 32
     with pytest.raises(ValueError, match="turbo8v4: the tensor-core kernel does not take"):
         regs.tensor_core_source("turbo8v4")
+
+
+def test_kernel_variants_join_and_restore_the_settings():
+    bench = _benchmark("bench_kernels")
+    from mlx_lm_turboquant.kernels import launch
+
+    before = (launch.TARGET_BLOCKS, launch.BULK_STEPS, launch.BULK_MIN_BYTES, launch.BULK_COPIES)
+    with bench._kernel_variant("turbo4:bulk3+blocks264"):
+        assert (launch.TARGET_BLOCKS, launch.BULK_STEPS, launch.BULK_MIN_BYTES) == (264, 3, 0)
+        assert launch.BULK_COPIES
+    with bench._kernel_variant("turbo3:loads"):
+        assert not launch.BULK_COPIES and launch.TARGET_BLOCKS == before[0]
+    after = (launch.TARGET_BLOCKS, launch.BULK_STEPS, launch.BULK_MIN_BYTES, launch.BULK_COPIES)
+    assert after == before
+    for bad in ("turbo4:blocks0", "turbo4:bulk1", "turbo4:wide", "turbo4:loads+fast"):
+        with pytest.raises(ValueError, match="unknown kernel variant"):
+            with bench._kernel_variant(bad):
+                pass

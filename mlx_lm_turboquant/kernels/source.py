@@ -859,26 +859,25 @@ ATTENTION_TC = r"""
   float m_run = -TQ_INF;  // row g, replicated over the 4 lanes of the group
   float l_run = 0.0f;     // this lane's share of row g's sum
 
-  // 2- and 4-bit codes never straddle words: a pair index is then a whole field of a word
-  // (a byte for 4-bit codes), one extract where the general path shifts, masks and joins.
-  constexpr bool KFIELDS = KBITS == 2 || KBITS == 4;
-  constexpr bool VFIELDS = VBITS == 2 || VBITS == 4;
-  // Shared address of this lane's copy of entry 0; entry e is e << TSH bytes further.
-  const tq_saddr_t ktab_lane = tq_shared_addr(ktab + lane);
-  const tq_saddr_t vtab_lane = tq_shared_addr(vtab + lane);
-  // Wide rows: the table's address (the same for every lane, held as such so a load adds it
-  // for free) and this lane's byte offset in a row; a byte field of w then becomes its
-  // entry's offset in one byte permute.
+  // A pair index (2 * BITS bits at bit pos of the 64 bits hi:lo) as a table address. A byte
+  // (4-bit codes) takes one byte permute: in wide rows the permute is the address
+  // (tq_pair_addr), in narrow rows a multiply-add on the FMA pipe follows (two shifts and
+  // masks on the integer pipe instead cost turbo4 4% at 128k tokens, turbo4c 16%). Other
+  // widths are shifted straight to bit TSH (a funnel shift where they straddle lo and hi)
+  // and masked in one LOP3 that also sets the lane's offset; the table's address is
+  // warp-uniform, so the shared load adds it for free (turbo3 77.4 -> 67.0 us at 128k,
+  // turbo2 64.1 -> 61.7: a separate extract, mask and multiply-add before).
   const tq_saddr_t tab_base = tq_uniform_addr(tq_shared_addr(big_sh));
-  const uint32_t klane = 4 * lane, vlane = 4 * lane + (WIDE && !SAME_TABLE ? 128 : 0);
-  auto field = [&](uint32_t w, int pos, int width) -> uint32_t {
-    return width == 8 ? tq_byte(w, pos >> 3) : (w >> pos) & ((1u << width) - 1);
-  };
-  auto lookup = [&](tq_saddr_t lane_entry0, uint32_t lane_off, uint32_t w, int pos, int width) {
-    if (WIDE && width == 8) {
-      return tq_lds(tab_base + tq_pair_addr(w, pos >> 3, lane_off));
+  const tq_saddr_t lane_tab = tq_shared_addr(big_sh + lane);  // this lane's entry 0
+  const uint32_t lane4 = 4 * lane;
+  constexpr uint32_t VTAB_OFF = SAME_TABLE ? 0 : WIDE ? 128 : KTAB << TSH;  // bytes
+  auto lookup = [&](uint32_t tab_off, uint32_t lo, uint32_t hi, int pos, int width) {
+    if (width == 8) {
+      return WIDE ? tq_lds(tab_base + tq_pair_addr(lo, pos >> 3, lane4 + tab_off))
+                  : tq_lds(lane_tab + tab_off + (tq_byte(lo, pos >> 3) << TSH));
     }
-    return tq_lds(lane_entry0 + (field(w, pos, width) << TSH));
+    const uint32_t x = pos >= TSH ? tq_funnel(lo, hi, pos - TSH) : lo << (TSH - pos);
+    return tq_lds(tab_base + tab_off + ((x & (((1u << width) - 1) << TSH)) | lane4));
   };
   const int r_mask = g < R ? g : 0;  // a valid row for mask reads of padding rows
   const int mb = MB ? b : 0;
@@ -917,15 +916,7 @@ ATTENTION_TC = r"""
         uint32_t bfrag[2];
         TQ_UNROLL for (int hh = 0; hh < 2; ++hh) {
           const int bit = (2 * kk + hh) * 2 * KBITS;  // code pair within this thread's span
-          if (KFIELDS) {
-            bfrag[hh] = lookup(ktab_lane, klane, a[bit >> 5], bit & 31, 2 * KBITS);
-            continue;
-          }
-          uint32_t e = a[bit >> 5] >> (bit & 31);
-          if ((bit & 31) + 2 * KBITS > 32) {
-            e |= a[((bit >> 5) + 1) % AWK] << (32 - (bit & 31));
-          }
-          bfrag[hh] = tq_lds(ktab_lane + ((e & (KTAB - 1)) << TSH));
+          bfrag[hh] = lookup(0u, a[bit >> 5], a[((bit >> 5) + 1) % AWK], bit & 31, 2 * KBITS);
         }
         tq_mma_16816(s[h], qa[kk][0], 0u, qa[kk][1], 0u, bfrag[0], bfrag[1]);
       }
@@ -1011,38 +1002,35 @@ ATTENTION_TC = r"""
         av[j][i] = NWV > AWV ? tq_funnel(vw[j][i], vw[j][(i + 1) % NWV], vsh) : vw[j][i];
       }
     }
-    // With whole fields (VFIELDS), interleave the codes of each token pair once: field k
-    // (2 * VBITS bits) of zv[p][o][i] is the pair index of stored dimension 2k + o of word i
-    // for tokens 2p, 2p + 1 of the four (the first token's code in the low half).
-    constexpr uint32_t EVEN = VBITS == 4 ? 0x0F0F0F0Fu : 0x33333333u;
-    uint32_t zv[2][2][AWV];
+    // Interleave the codes of each token pair once, in chunks of VCH bits that hold whole
+    // codes (24 bits, 8 codes, for 3-bit codes; 32 otherwise): field k (2 * VBITS bits) of
+    // zv[p][o][i] is the pair index of dimension 2k + o of chunk i for tokens 2p, 2p + 1 of
+    // the four (the first token's code in the low half).
+    constexpr int VCH = VBITS == 3 ? 24 : 32;
+    constexpr int NCH = (VSPAN + VCH - 1) / VCH;
+    constexpr int VPAIRS = VCH / (2 * VBITS);  // even dimensions per chunk
+    constexpr uint32_t EVEN = VBITS == 4 ? 0x0F0F0F0Fu : VBITS == 3 ? 0x001C71C7u : 0x33333333u;
+    constexpr uint32_t ODD = EVEN << VBITS;
+    uint32_t zv[2][2][NCH];
     TQ_UNROLL for (int pr = 0; pr < 2; ++pr) {
-      TQ_UNROLL for (int i = 0; i < AWV; ++i) {
-        const uint32_t x = av[2 * pr][i], y = av[2 * pr + 1][i];
-        zv[pr][0][i] = VFIELDS ? (x & EVEN) | ((y << VBITS) & ~EVEN) : 0u;
-        zv[pr][1][i] = VFIELDS ? ((x >> VBITS) & EVEN) | (y & ~EVEN) : 0u;
+      TQ_UNROLL for (int i = 0; i < NCH; ++i) {
+        const int bit = i * VCH;
+        const int w = bit >> 5, w1 = (w + 1) % AWV;  // a chunk past bit 0 of a word: 24
+        const uint32_t x = bit & 31 ? tq_funnel(av[2 * pr][w], av[2 * pr][w1], bit & 31)
+                                    : av[2 * pr][w];
+        const uint32_t y = bit & 31 ? tq_funnel(av[2 * pr + 1][w], av[2 * pr + 1][w1], bit & 31)
+                                    : av[2 * pr + 1][w];
+        zv[pr][0][i] = (x & EVEN) | ((y << VBITS) & ODD);
+        zv[pr][1][i] = ((x >> VBITS) & EVEN) | (y & ODD);
       }
     }
     TQ_UNROLL for (int mt = 0; mt < KC; ++mt) {
+      // f: (dim 2mt + (f & 1), tokens of pair f >> 1): a0 (dim, 2c..), a1 (dim + 1, 2c..),
+      // a2 (dim, 2c + 8..), a3 (dim + 1, 2c + 8..)
       uint32_t afrag[4];
       TQ_UNROLL for (int f = 0; f < 4; ++f) {
-        if (VFIELDS) {
-          const int bit = 2 * mt * VBITS;  // the even dimension's code
-          afrag[f] = lookup(vtab_lane, vlane, zv[f >> 1][f & 1][bit >> 5], bit & 31, 2 * VBITS);
-          continue;
-        }
-        // f: (dim 2mt + (f & 1), tokens of pair f >> 1): a0 (dim, 2c..), a1 (dim + 1, 2c..),
-        // a2 (dim, 2c + 8..), a3 (dim + 1, 2c + 8..)
-        const int bit = (2 * mt + (f & 1)) * VBITS;
-        const int j = 2 * (f >> 1);
-        uint32_t lo = av[j][bit >> 5] >> (bit & 31);
-        uint32_t hi = av[j + 1][bit >> 5] >> (bit & 31);
-        if ((bit & 31) + VBITS > 32) {
-          lo |= av[j][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
-          hi |= av[j + 1][((bit >> 5) + 1) % AWV] << (32 - (bit & 31));
-        }
-        const uint32_t e = (lo & ((1u << VBITS) - 1)) | ((hi & ((1u << VBITS) - 1)) << VBITS);
-        afrag[f] = tq_lds(vtab_lane + (e << TSH));
+        const uint32_t z = zv[f >> 1][f & 1][mt / VPAIRS];
+        afrag[f] = lookup(VTAB_OFF, z, z, (mt % VPAIRS) * 2 * VBITS, 2 * VBITS);
       }
       tq_mma_16816(acc[mt], afrag[0], afrag[1], afrag[2], afrag[3], pb0, pb1);
     }
