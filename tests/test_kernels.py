@@ -519,10 +519,11 @@ def test_bulk_copies_where_a_steps_rows_are_large():
     assert plan(128, 2, 2, (3, 0)).BULK == 3  # rows of any size where asked
 
 
-def test_shared_memory_requests_let_every_plan_launch():
+def test_shared_memory_requests_let_every_plan_launch(monkeypatch):
     """mlx raises a kernel's shared memory limit only when its dynamic part is above 48000
     bytes: a plan whose static and dynamic parts pass 48 KiB together asks for more (on the
-    H100, turbo2 at D = 128 with 8 rows failed to launch before)."""
+    H100, turbo2 at D = 128 with 8 rows failed to launch before). Bulk-copy plans ask for
+    enough that an SM holds no more than BULK_BLOCKS_PER_SM of them."""
     for D, n_rep, L, kb, vb, rope, bulk in itertools.product(
         (64, 128), (1, 4, 8), (1, 2), (2, 3, 4), (2, 3, 4), (None, "full"),
         ((2, 2048), (0, 0), (4, 0), (8, 0)),
@@ -535,7 +536,11 @@ def test_shared_memory_requests_let_every_plan_launch():
         need = 4 * (plan.dynamic_words + plan.static_words)
         assert need <= WIDE and plan.shared_request >= 4 * plan.dynamic_words
         assert plan.shared_request > 48000 or need <= 48 * 1024, plan
+        if plan.BULK:
+            per_block = plan.shared_request + 4 * plan.static_words + 1024
+            assert 4 * per_block > launch.SM_SHARED_BYTES >= 3 * per_block, plan
     plan = launch.tensor_core_plan(128, 8, 1, 2, 2, True, 48 * 1024, True, None, WIDE, (7, 0))
+    monkeypatch.setattr(launch, "BULK_BLOCKS_PER_SM", 7)  # a floor under 48000 bytes
     assert plan.BULK == 7 and plan.shared_request == 48016
 
 

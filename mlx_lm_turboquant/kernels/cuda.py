@@ -150,6 +150,13 @@ __device__ __forceinline__ void tq_bar_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void tq_fill4(uint32_t* p, uint32_t v) {
   *reinterpret_cast<uint4*>(p) = make_uint4(v, v, v, v);
 }
+// A register whose value does not matter (the A rows of an mma whose output rows are never
+// read): no instruction sets it, so the compiler need not zero a register per mma.
+__device__ __forceinline__ uint32_t tq_any_bits() {
+  uint32_t v;
+  asm("" : "=r"(v));
+  return v;
+}
 // d += A B for one warp: A 16x16 fp16 (row major, 4 registers), B 16x8 fp16 (2 registers),
 // d 16x8 fp32 (4 registers), in the fragment layout of the PTX ISA for m16n8k16.
 __device__ __forceinline__ void tq_mma_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2,

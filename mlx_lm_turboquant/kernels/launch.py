@@ -34,6 +34,12 @@ PREFETCH_WORDS = 48  # registers per thread holding the next tile
 BULK_COPIES = True
 BULK_STEPS = 2
 BULK_MIN_BYTES = 2048
+# Blocks of a bulk-copy build an SM may hold (TARGET_BLOCKS assumes 3): a build whose
+# registers would let a 4th in asks for enough shared memory to keep it out. turbo4 at 128
+# registers took 65.9 us at 128k tokens with room for 4 blocks per SM against 65.0 with 3
+# (384 blocks; docs/kernels.md). SM_SHARED_BYTES: an H100's (and sm_100's) per SM.
+BULK_BLOCKS_PER_SM = 3
+SM_SHARED_BYTES = 228 * 1024
 _NEG = -1e30  # a masked score, as in reference.py
 TENSOR_CORES_ENV = "MLX_TQ_TENSOR_CORES"
 
@@ -213,10 +219,13 @@ class TensorCorePlan(_KernelPlan):
 
     @property
     def shared_request(self) -> int:
-        """Bytes of dynamic shared memory to launch it with: its dynamic words, or more
-        than 48000 where static and dynamic pass 48 KiB together (mlx lets a kernel take
-        more than 48 KiB only when its dynamic part alone is above 48000 bytes)."""
+        """Bytes of dynamic shared memory to launch it with: its dynamic words, with bulk
+        copies enough to hold an SM to BULK_BLOCKS_PER_SM blocks, and more than 48000
+        where static and dynamic pass 48 KiB together (mlx lets a kernel take more than 48
+        KiB only when its dynamic part alone is above 48000 bytes)."""
         dynamic = 4 * self.dynamic_words
+        if self.BULK:  # then one more block than BULK_BLOCKS_PER_SM does not fit
+            dynamic = max(dynamic, SM_SHARED_BYTES // (BULK_BLOCKS_PER_SM + 1))
         if dynamic <= 48000 < 4 * (self.dynamic_words + self.static_words):
             return 48016
         return dynamic

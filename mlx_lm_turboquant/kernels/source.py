@@ -918,7 +918,8 @@ ATTENTION_TC = r"""
           const int bit = (2 * kk + hh) * 2 * KBITS;  // code pair within this thread's span
           bfrag[hh] = lookup(0u, a[bit >> 5], a[((bit >> 5) + 1) % AWK], bit & 31, 2 * KBITS);
         }
-        tq_mma_16816(s[h], qa[kk][0], 0u, qa[kk][1], 0u, bfrag[0], bfrag[1]);
+        tq_mma_16816(s[h], qa[kk][0], tq_any_bits(), qa[kk][1], tq_any_bits(), bfrag[0],
+                     bfrag[1]);
       }
     }
 
@@ -936,7 +937,8 @@ ATTENTION_TC = r"""
         const uint32_t a2 = tq_pack_half2(yc[kk][1][0], -yc[kk][1][1]);
         TQ_UNROLL for (int h = 0; h < 2; ++h) {
           const int e = (((h * KCC + kk) * 8 + g) * 4 + c) * 2;
-          tq_mma_16816(sc[h], a0, 0u, a2, 0u, ctab_sh[e], ctab_sh[e + 1]);
+          tq_mma_16816(sc[h], a0, tq_any_bits(), a2, tq_any_bits(), ctab_sh[e],
+                       ctab_sh[e + 1]);
         }
         TQ_UNROLL for (int w = 0; w < 2; ++w) {
           const int j = 8 * kk + 4 * w + c;

@@ -179,6 +179,9 @@ inline void tq_bar_wait(uint64_t* bar, uint32_t parity) {
 }
 inline void tq_fill4(uint32_t* p, uint32_t v) { p[0] = p[1] = p[2] = p[3] = v; }
 
+// Rows the kernel never reads get NaNs here: a kernel that read them would fail its tests.
+inline uint32_t tq_any_bits() { return 0x7E007E00u; }
+
 // mma.sync m16n8k16 (fp16 x fp16 + fp32) with the PTX ISA's fragment layout: lane =
 // 4 * group + t; A rows group / group + 8, columns 2t + {0, 1} (+ 8); B columns (n) group,
 // rows (k) 2t + {0, 1} (+ 8); C / D rows group / group + 8, columns 2t + {0, 1}.
