@@ -1,6 +1,6 @@
 #!/bin/bash
 # Tensor-core attention on the lent GPU, one step per call (see docs/kernels.md):
-#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|stalls|ktimes ; results in $OUT.
+#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|stalls|ktimes|ktab ; results in $OUT.
 set -o pipefail
 export PYTHONPATH=/root/mlx-site:$PWD PYTHONUNBUFFERED=1
 case "${1:-smoke}" in
@@ -57,4 +57,21 @@ case "${1:-smoke}" in
       python3 benchmarks/profile_attention.py --context ${KT_CONTEXTS:-4096 32768 131072} \
       --scheme ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2} --calls 5 \
       --order $OUT/kt_order.json > $OUT/kt.csv 2> $OUT/kt.err ;;
+  ktab)
+    # ktimes of two trees on one machine, alternated (head, new, head2, new2): KT_BASE is a
+    # tree of the code to compare against (`git archive HEAD~1 mlx_lm_turboquant benchmarks
+    # | tar -x -C base`), this tree is the new one; then the table (kt_ab.txt, kt_ab.json).
+    for run in head new head2 new2; do
+      tree=$PWD; [ "${run#head}" != "$run" ] && tree=${KT_BASE:?set KT_BASE to the tree to compare}
+      mkdir -p $OUT/raw/$run
+      (cd $tree && PYTHONPATH=/root/mlx-site:$PWD timeout ${KT_S:-150} /usr/local/cuda/bin/ncu \
+        --csv --clock-control none --metrics gpu__time_duration.sum \
+        -k regex:"attention|sdpa|lean_reduction" python3 benchmarks/profile_attention.py \
+        --context ${KT_CONTEXTS:-4096 32768 131072} --scheme ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2} \
+        --calls 5 --order $OUT/raw/$run/kt_order.json > $OUT/raw/$run/kt.csv 2> $OUT/raw/$run/kt.err)
+      echo "$run: rc $? at $SECONDS s"
+    done
+    python3 benchmarks/profile_attention.py --summarize $OUT/raw/head $OUT/raw/new $OUT/raw/head2 \
+      $OUT/raw/new2 --json $OUT/kt_ab.json | tee $OUT/kt_ab.txt
+    tar -czf $OUT/kt_raw.tgz -C $OUT raw && rm -rf $OUT/raw ;;
 esac

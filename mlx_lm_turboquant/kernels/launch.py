@@ -18,9 +18,9 @@ import numpy as np
 MAX_QUERIES = 8  # decode and speculative verification; longer prefill uses the reference
 MAX_ROWS = 64  # query rows sharing one KV head in one block (n_rep * L)
 # Blocks per attention call: about one wave of the tensor-core kernel on an H100 (132 SMs, 3
-# blocks each at its register count); and at least MIN_SPAN tokens per block, so a short
-# context takes a few long blocks instead of a second wave of short ones (turbo4, 4k tokens:
-# 0.035 ms with 64 blocks against 0.061 ms with 512; docs/kernels.md).
+# blocks each, by registers or BULK_BLOCKS_PER_SM); and at least MIN_SPAN tokens per block,
+# so a short context takes a few long blocks instead of a second wave of short ones (turbo4,
+# 4k tokens: 0.035 ms with 64 blocks against 0.061 ms with 512; docs/kernels.md).
 TARGET_BLOCKS = 384
 MIN_SPAN = 512
 PREFETCH_WORDS = 48  # registers per thread holding the next tile
