@@ -861,8 +861,8 @@ ATTENTION_TC = r"""
 
   // A pair index (2 * BITS bits at bit pos of the 64 bits hi:lo) as a table address. A byte
   // (4-bit codes) takes one byte permute: in wide rows the permute is the address
-  // (tq_pair_addr), in narrow rows a multiply-add on the FMA pipe follows (two shifts and
-  // masks on the integer pipe instead cost turbo4 4% at 128k tokens, turbo4c 16%). Other
+  // (tq_pair_addr), in narrow rows a multiply-add on the FMA pipe follows (a shift and a
+  // mask on the integer pipe instead cost turbo4 4% at 128k tokens, turbo4c 16%). Other
   // widths are shifted straight to bit TSH (a funnel shift where they straddle lo and hi)
   // and masked in one LOP3 that also sets the lane's offset; the table's address is
   // warp-uniform, so the shared load adds it for free (turbo3 77.4 -> 67.0 us at 128k,
@@ -1017,7 +1017,7 @@ ATTENTION_TC = r"""
     TQ_UNROLL for (int pr = 0; pr < 2; ++pr) {
       TQ_UNROLL for (int i = 0; i < NCH; ++i) {
         const int bit = i * VCH;
-        const int w = bit >> 5, w1 = (w + 1) % AWV;  // a chunk past bit 0 of a word: 24
+        const int w = bit >> 5, w1 = (w + 1) % AWV;  // 3-bit codes' 2nd chunk: bit 24 of w 0
         const uint32_t x = bit & 31 ? tq_funnel(av[2 * pr][w], av[2 * pr][w1], bit & 31)
                                     : av[2 * pr][w];
         const uint32_t y = bit & 31 ? tq_funnel(av[2 * pr + 1][w], av[2 * pr + 1][w1], bit & 31)
