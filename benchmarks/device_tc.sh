@@ -3,6 +3,17 @@
 #   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|stalls|ktimes|ktab ; results in $OUT.
 set -o pipefail
 export PYTHONPATH=/root/mlx-site:$PWD PYTHONUNBUFFERED=1
+# GPU time of single attention calls at the clocks a user's run gets (the profiler
+# serializes kernels and flushes the caches between them), every scheme and length in one
+# process of the tree in the current directory: $1/kt.csv, and $1/kt_order.json to tell the
+# calls apart; $2 seconds at most.
+ktimes() {
+  timeout $2 /usr/local/cuda/bin/ncu --csv --clock-control none \
+    --metrics gpu__time_duration.sum -k regex:"attention|sdpa|lean_reduction" \
+    python3 benchmarks/profile_attention.py --context ${KT_CONTEXTS:-4096 32768 131072} \
+    --scheme ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2} --calls 5 \
+    --order $1/kt_order.json > $1/kt.csv 2> $1/kt.err
+}
 case "${1:-smoke}" in
   smoke)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
@@ -49,14 +60,7 @@ case "${1:-smoke}" in
     python3 benchmarks/profile_attention.py --context $T --stalls $OUT/sass.csv \
       --json $OUT/stalls.json 2>&1 | tee $OUT/stalls.txt ;;
   ktimes)
-    # GPU time of single attention calls at the clocks a user's run gets (the profiler
-    # serializes kernels and flushes the caches between them), every scheme and length in
-    # one process: kt.csv, and kt_order.json to tell the calls apart.
-    timeout ${KT_S:-300} /usr/local/cuda/bin/ncu --csv --clock-control none \
-      --metrics gpu__time_duration.sum -k regex:"attention|sdpa|lean_reduction" \
-      python3 benchmarks/profile_attention.py --context ${KT_CONTEXTS:-4096 32768 131072} \
-      --scheme ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2} --calls 5 \
-      --order $OUT/kt_order.json > $OUT/kt.csv 2> $OUT/kt.err ;;
+    ktimes $OUT ${KT_S:-300} ;;
   ktab)
     # ktimes of two trees on one machine, alternated (head, new, head2, new2): KT_BASE is a
     # tree of the code to compare against (`git archive HEAD~1 mlx_lm_turboquant benchmarks
@@ -64,11 +68,7 @@ case "${1:-smoke}" in
     for run in head new head2 new2; do
       tree=$PWD; [ "${run#head}" != "$run" ] && tree=${KT_BASE:?set KT_BASE to the tree to compare}
       mkdir -p $OUT/raw/$run
-      (cd $tree && PYTHONPATH=/root/mlx-site:$PWD timeout ${KT_S:-150} /usr/local/cuda/bin/ncu \
-        --csv --clock-control none --metrics gpu__time_duration.sum \
-        -k regex:"attention|sdpa|lean_reduction" python3 benchmarks/profile_attention.py \
-        --context ${KT_CONTEXTS:-4096 32768 131072} --scheme ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2} \
-        --calls 5 --order $OUT/raw/$run/kt_order.json > $OUT/raw/$run/kt.csv 2> $OUT/raw/$run/kt.err)
+      (cd $tree && PYTHONPATH=/root/mlx-site:$PWD ktimes $OUT/raw/$run ${KT_S:-150})
       echo "$run: rc $? at $SECONDS s"
     done
     python3 benchmarks/profile_attention.py --summarize $OUT/raw/head $OUT/raw/new $OUT/raw/head2 \

@@ -25,7 +25,6 @@ from mlx_lm_turboquant.kernels import cuda, generated, launch
 from mlx_lm_turboquant.kernels.launch import TC_THREADS, tensor_core_plan
 
 REGISTERS_PER_SM = 65536
-SHARED_PER_SM = 228 * 1024  # H100; a block also reserves 1 KiB
 MAX_BLOCKS_PER_SM = 32
 
 
@@ -50,7 +49,8 @@ def blocks_per_sm(registers: int, threads: int, smem: int) -> int:
     """Resident blocks per SM on an H100: registers are allocated 8 per thread at a time."""
     per_block = -(-registers // 8) * 8 * threads
     by_regs = REGISTERS_PER_SM // per_block
-    by_smem = SHARED_PER_SM // (smem + 1024) if smem else MAX_BLOCKS_PER_SM
+    # shared memory per SM as launch holds bulk builds to it; each block reserves 1 KiB
+    by_smem = launch.SM_SHARED_BYTES // (smem + 1024) if smem else MAX_BLOCKS_PER_SM
     return min(by_regs, by_smem, MAX_BLOCKS_PER_SM)
 
 

@@ -273,8 +273,7 @@ class TurboQuantKVCache(_BaseCache):
             # A decode step repeating the last one: its set-up replayed (kernels.Lane).
             done = kernels.fast_append(self, keys, values)
             if done is not None:
-                self._pending = done
-                self.offset += keys.shape[2]
+                self._wrote_in_place(done, keys.shape[2])
                 return self._handles(keys.shape[0], keys.shape[1], self.offset)
         take_head_dims(self, keys, values)
         stored_keys = self._centred(keys) if self.scheme.centre_keys else keys
@@ -300,8 +299,7 @@ class TurboQuantKVCache(_BaseCache):
             # update, which costs more host time than the launch (docs/kernels.md).
             done = kernels.append_rows(key_codec, keys, value_codec, values, self)
             if done is not None:
-                self._pending = done
-                self.offset += keys.shape[2]
+                self._wrote_in_place(done, keys.shape[2])
                 return
         rows = kernels.encode_rows(key_codec, keys, value_codec, values)
         prev, L = self.offset, keys.shape[2]
@@ -311,6 +309,11 @@ class TurboQuantKVCache(_BaseCache):
         self.offset += L
         self._packed[:, :, prev : self.offset] = rows  # one slice update (in place in mlx)
         self._exposed = False  # a buffer of this cache's own now: later updates may write it
+
+    def _wrote_in_place(self, done, L):
+        """A fused encode wrote ``L`` tokens' rows in place: ``done`` is pending until read."""
+        self._pending = done
+        self.offset += L
 
     def _append(self, keys, values):
         L = keys.shape[2]

@@ -245,7 +245,6 @@ def encode_rows(key_codec, keys, value_codec, values):
     return launch.encode_rows(kernel, key_codec, keys, value_codec, values, compiled=COMPILED)
 
 
-
 def append_rows(key_codec, keys, value_codec, values, cache):
     return launch.append_rows(kernel, key_codec, keys, value_codec, values, cache,
                               compiled=COMPILED)  # fmt: skip

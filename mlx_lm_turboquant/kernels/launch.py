@@ -777,11 +777,12 @@ def append_rows(kernel, key_codec, keys, value_codec, values, cache, compiled=Fa
     chain = _chain(cache)
     consts = (key_codec.rotation.matrix, value_codec.rotation.matrix, key_codec.boundaries,
               value_codec.boundaries, key_codec.centroids, value_codec.centroids)  # fmt: skip
-    done = _launch_append(graph, chain, xk, xv, consts, rows, prev, device_count(cap))
+    cap_count = device_count(cap)
+    done = _launch_append(graph, chain, xk, xv, consts, rows, prev, cap_count)
     chain.append = None  # this call's set-up, where a replay may repeat it (float inputs)
     if xk is keys and xv is values:
         chain.append = (keys.shape, keys.dtype, values.shape, values.dtype, rows, cap, graph,
-                        consts, device_count(cap))  # fmt: skip
+                        consts, cap_count)  # fmt: skip
     return done
 
 

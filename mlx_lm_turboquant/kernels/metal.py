@@ -102,7 +102,6 @@ def encode_rows(key_codec, keys, value_codec, values):
     return launch.encode_rows(kernel, key_codec, keys, value_codec, values)
 
 
-
 def append_rows(key_codec, keys, value_codec, values, cache):
     # "append" is CUDA-only (kernel() returns None), so this declines and the cache encodes
     # rows and updates its buffer with a slice update.
