@@ -15,6 +15,8 @@ from functools import lru_cache, partial
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.codec import get_codec
@@ -481,10 +483,29 @@ def test_fused_merge_caps_the_spans():
     assert launch.split_tokens(131072, 1, 64, max_splits=10**6) == launch.split_tokens(131072, 1, 64)
 
 
+@settings(max_examples=300, deadline=None)
+@given(T=st.integers(1, 1 << 18), rows=st.integers(1, 64), tile=st.sampled_from([16, 64, 128]),
+       target=st.integers(1, 1024), min_span=st.sampled_from([0, 16, 512]))
+def test_spans_fill_at_most_the_target_blocks(T, rows, tile, target, min_span):
+    """Every row of blocks gets the same spans, never more blocks in all than the target
+    (more than one wave holds would run in a second; a single row may exceed it with one
+    span), whole tiles, and no span that starts past the tokens."""
+    span, n = launch.split_tokens(T, rows, tile, target, min_span)
+    assert span % tile == 0 and span >= min_span and (n - 1) * span < T <= n * span
+    assert n * rows <= max(target, rows)
+
+
+def test_spans_of_the_benchmark_shape_fill_three_blocks_per_sm():
+    # 8 KV heads on an H100 (132 SMs, 3 blocks each): 49 spans of whole warp steps per head
+    for T in (32768, 131072):
+        span, n = launch.split_tokens(T, 8, launch.TC_TILE, 396, 512)
+        assert n == 49 and span % 16 == 0 and span - 16 < -(-T // 49) <= span
+
+
 def test_tensor_core_plan_limits():
     shared = 48 * 1024
     plan = launch.tensor_core_plan(128, 4, 1, 4, 4, True, shared)
-    assert plan is not None and plan.SAME_TABLE and plan.R == 4 and plan.TILE == 64
+    assert plan is not None and plan.SAME_TABLE and plan.R == 4 and plan.TILE == 16
     assert launch.tensor_core_plan(128, 4, 1, 4, 2, True, shared).SAME_TABLE is False
     assert launch.tensor_core_plan(128, 4, 4, 4, 4, True, shared) is None  # 16 rows
     assert launch.tensor_core_plan(96, 4, 1, 4, 4, True, shared) is None  # head dim

@@ -17,11 +17,13 @@ import numpy as np
 
 MAX_QUERIES = 8  # decode and speculative verification; longer prefill uses the reference
 MAX_ROWS = 64  # query rows sharing one KV head in one block (n_rep * L)
-# Blocks per attention call: about one wave of the tensor-core kernel on an H100 (132 SMs, 3
-# blocks each, by registers or BULK_BLOCKS_PER_SM); and at least MIN_SPAN tokens per block,
-# so a short context takes a few long blocks instead of a second wave of short ones (turbo4,
-# 4k tokens: 0.035 ms with 64 blocks against 0.061 ms with 512; docs/kernels.md).
-TARGET_BLOCKS = 384
+# Blocks per attention call, at most: one wave of the tensor-core kernel on an H100 (132 SMs,
+# 3 blocks each, by registers or BULK_BLOCKS_PER_SM; 8 KV heads take 49 spans each, 392
+# blocks: 384 left 12 SMs with 2, turbo4 65.6 -> 64.5 us at 128k tokens); and at least
+# MIN_SPAN tokens per block, so a short context takes a few long blocks instead of a second
+# wave of short ones (turbo4, 4k tokens: 0.035 ms with 64 blocks against 0.061 ms with 512;
+# docs/kernels.md).
+TARGET_BLOCKS = 396
 MIN_SPAN = 512
 PREFETCH_WORDS = 48  # registers per thread holding the next tile
 # On sm_90 and later the tensor-core kernel's warps take their token rows by bulk copies
@@ -165,7 +167,10 @@ def attention_plan(
 
 
 TC_THREADS = 128
-TC_TILE = 16 * TC_THREADS // 32  # tokens per step of the block: 16 per warp
+# Spans of the tensor-core kernel are whole warp steps (16 tokens), not whole block steps: a
+# span's last block step may leave warps idle, but coarser spans leave whole SMs with more
+# tokens than others (32k tokens, 8 KV heads: 47 spans of 704 tokens against 48 of 688).
+TC_TILE = 16
 
 
 @dataclass(frozen=True)
@@ -281,13 +286,15 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
 
 def split_tokens(T: int, n_blocks: int, tile: int, target_blocks=None, min_span=None,
                  max_splits=None):  # fmt: skip
-    """(tokens per span, number of spans): about ``target_blocks`` blocks, whole tiles per
-    span, at least ``min_span`` tokens per span (defaults: TARGET_BLOCKS, MIN_SPAN), and
-    at most ``max_splits`` spans where given."""
+    """(tokens per span, number of spans): at most ``target_blocks`` blocks (the same number
+    of spans for each of the ``n_blocks`` rows: a block more than one wave holds would run
+    in a second), whole tiles per span, at least ``min_span`` tokens per span (defaults:
+    TARGET_BLOCKS, MIN_SPAN), and at most ``max_splits`` spans where given."""
     target_blocks = TARGET_BLOCKS if target_blocks is None else target_blocks
     min_span = MIN_SPAN if min_span is None else min_span
     n_tiles = -(-T // tile)
-    tiles_per_span = max(1, -(-min_span // tile), -(-n_tiles * n_blocks // target_blocks))
+    splits = max(1, target_blocks // n_blocks)
+    tiles_per_span = max(1, -(-min_span // tile), -(-n_tiles // splits))
     if max_splits is not None:
         tiles_per_span = max(tiles_per_span, -(-n_tiles // max_splits))
     span = tiles_per_span * tile
