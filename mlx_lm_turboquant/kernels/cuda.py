@@ -108,8 +108,8 @@ __device__ __forceinline__ uint32_t tq_atomic_inc(const uint32_t* c) {
 __device__ __forceinline__ void tq_atomic_reset(const uint32_t* c) {
   atomicExch(const_cast<uint32_t*>(c), 0u);
 }
-__device__ __forceinline__ float tq_load_cg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 tq_load_cg4(const float4* p) { return __ldcg(p); }
+__device__ __forceinline__ float2 tq_load_cg2(const float2* p) { return __ldcg(p); }
 // A hint: bring the 128-byte line at p into L2 (no register waits on it).
 __device__ __forceinline__ void tq_prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(p));

@@ -1135,20 +1135,30 @@ ATTENTION_TC = r"""
   TQ_SHARED_PTR(float) inv_sh = y_sh + R * D;                // [R]
   TQ_SHARED_PTR(float) w_sh = inv_sh + R;                    // [R][n_splits]
   const int64_t first = (int64_t)bh * n_splits;
+  const float2* ml_part2 = reinterpret_cast<const float2*>(ml_part);
   for (int r = warp; r < R; r += NWARPS) {  // one warp per row, its lanes over the spans
     // One pass over the spans' maxima and sums: each lane keeps a running (max, sum) and
     // parks the spans' maxima in w_sh, which become weights once the row's maximum is known.
+    // Two spans per lane are requested before either is used (one wait on L2 for up to 64).
     float m = -TQ_INF;
     float l = 0.0f;
-    for (int s = lane; s < n_splits; s += 32) {
-      const int64_t i = (first + s) * R + r;
-      const float ms = tq_load_cg(ml_part + i * 2);
-      const float ls = tq_load_cg(ml_part + i * 2 + 1);
-      w_sh[r * n_splits + s] = ms;
-      const float mn = tq_max(m, ms);
-      const float mu = mn == -TQ_INF ? 0.0f : mn;
-      l = l * tq_exp(m - mu) + ls * tq_exp(ms - mu);
-      m = mn;
+    for (int s0 = lane; s0 < n_splits; s0 += 64) {
+      float2 ml[2];
+      TQ_UNROLL for (int u = 0; u < 2; ++u) {
+        const int s = s0 + 32 * u;
+        ml[u] = s < n_splits ? tq_load_cg2(ml_part2 + (first + s) * R + r)
+                             : make_float2(-TQ_INF, 0.0f);
+      }
+      TQ_UNROLL for (int u = 0; u < 2; ++u) {
+        const int s = s0 + 32 * u;
+        if (s < n_splits) {
+          w_sh[r * n_splits + s] = ml[u].x;
+        }
+        const float mn = tq_max(m, ml[u].x);
+        const float mu = mn == -TQ_INF ? 0.0f : mn;
+        l = l * tq_exp(m - mu) + ml[u].y * tq_exp(ml[u].x - mu);
+        m = mn;
+      }
     }
     float m_row = tq_warp_max(m);
     float sink = 0.0f;

@@ -42,6 +42,10 @@ struct float4 {
   float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 inline float tq_emu_h2f(tq_half h) {
   _Float16 f;
@@ -157,8 +161,8 @@ inline uint32_t tq_pair_addr(uint32_t w, int k, uint32_t lane_off) {
 inline void tq_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline uint32_t tq_atomic_inc(const uint32_t* c) { return (*const_cast<uint32_t*>(c))++; }
 inline void tq_atomic_reset(const uint32_t* c) { *const_cast<uint32_t*>(c) = 0u; }
-inline float tq_load_cg(const float* p) { return *p; }
 inline float4 tq_load_cg4(const float4* p) { return *p; }
+inline float2 tq_load_cg2(const float2* p) { return *p; }
 inline void tq_prefetch_l2(const void*) {}
 // Bulk copies: done at once by the issuing lane, completing the barrier's phase (a count of
 // completed phases); waiters spin. Misaligned copies are recorded for the launcher to raise
