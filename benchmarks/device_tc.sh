@@ -1,6 +1,7 @@
 #!/bin/bash
 # Tensor-core attention on the lent GPU, one step per call (see docs/kernels.md):
-#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|stalls|ktimes|ktab ; results in $OUT.
+#   bash benchmarks/device_tc.sh smoke|parity|e2e|steps|profile|stalls|ktimes|ktab|ktrees|timeline
+# Results in $OUT.
 set -o pipefail
 export PYTHONPATH=/root/mlx-site:$PWD PYTHONUNBUFFERED=1
 # GPU time of single attention calls at the clocks a user's run gets (the profiler
@@ -74,4 +75,24 @@ case "${1:-smoke}" in
     python3 benchmarks/profile_attention.py --summarize $OUT/raw/head $OUT/raw/new $OUT/raw/head2 \
       $OUT/raw/new2 --json $OUT/kt_ab.json | tee $OUT/kt_ab.txt
     tar -czf $OUT/kt_raw.tgz -C $OUT raw && rm -rf $OUT/raw ;;
+  ktrees)
+    # ktab for any number of trees, each run twice in turn: KT_TREES="head=base new=." (a
+    # name, then the tree's directory); the table lists them in that order.
+    dirs=()
+    for round in "" 2; do
+      for spec in ${KT_TREES:?set KT_TREES to name=dir pairs}; do
+        run=${spec%%=*}$round
+        mkdir -p $OUT/raw/$run
+        (cd ${spec#*=} && PYTHONPATH=/root/mlx-site:$PWD ktimes $OUT/raw/$run ${KT_S:-150})
+        echo "$run: rc $? at $SECONDS s"
+        dirs+=($OUT/raw/$run)
+      done
+    done
+    python3 benchmarks/profile_attention.py --summarize ${dirs[@]} --json $OUT/kt_ab.json \
+      | tee $OUT/kt_ab.txt
+    tar -czf $OUT/kt_raw.tgz -C $OUT raw && rm -rf $OUT/raw ;;
+  timeline)
+    timeout ${TIMELINE_S:-300} python3 benchmarks/kernel_timeline.py \
+      --schemes ${TIMELINE_SCHEMES:-turbo4 turbo2} --json $OUT/timeline.json 2>&1 \
+      | tee $OUT/timeline.txt ;;
 esac

@@ -178,3 +178,20 @@ def test_kernel_variants_join_and_restore_the_settings():
         with pytest.raises(ValueError, match="unknown kernel variant"):
             with bench._kernel_variant(bad):
                 pass
+
+
+def test_kernel_timeline_finds_its_stamp_points():
+    """The timeline probe patches the tensor-core kernel at its barriers: every point it
+    stamps must still be in the source, once, and a missing one must say which."""
+    import re
+
+    from mlx_lm_turboquant.kernels import source
+
+    timeline = _benchmark("kernel_timeline")
+    stamped = timeline.stamped(source.ATTENTION_TC)
+    points = [int(k) for k in re.findall(r"tq_stamp\((\d)\);", stamped)]
+    assert sorted(points) == list(range(timeline.POINTS))
+    assert stamped.index("tq_stamp(1);") < stamped.index("tq_stamp(2);") \
+        < stamped.index("tq_stamp(3);") < stamped.index("tq_atomic_inc")  # fmt: skip
+    with pytest.raises(ValueError, match="anchor 2"):
+        timeline.stamped(source.ATTENTION_TC.replace("every warp is done with the tables", ""))
