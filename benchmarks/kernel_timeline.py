@@ -8,8 +8,8 @@ buffer past the words it uses: entry, end of the set-up (tables built), end of t
 (every warp), partials written, counted in, and for each (batch, KV head)'s last block the
 spans' weights, the merged rows and the end. Printed per call length: when blocks reach those
 points (percentiles over blocks, from the first block's entry), each phase's median and
-maximum over blocks, and the token loop's median by how many blocks shared the SM. Medians
-over calls 2 to 6. Each call gets a fresh counter written on the GPU (a counter written on
+maximum over blocks (medians over calls 2 to 6), and the token loop's median by how many
+blocks shared the SM (the last call's). Each call gets a fresh counter written on the GPU (a counter written on
 the host would move its pages to the GPU inside the timed call). The stamps cost a few
 registers, so times are near, not equal to, the unpatched kernel's (``bash
 benchmarks/device_tc.sh ktimes``).
@@ -49,7 +49,7 @@ _STAMP = r"""
 # (text the stamp follows, stamp): the kernel's barriers and hand-offs
 _ANCHORS = [
     ("  constexpr int NWARPS = NT / 32;\n", _STAMP),
-    ("  TQ_BARRIER();\n\n  // A fragments of the query", None),  # stamp 1 before the comment
+    ("  TQ_BARRIER();\n\n  // A fragments of the query", None),  # after the barrier
     ("  TQ_BARRIER();  // every warp is done with the tables\n", "  tq_stamp(2);\n"),
     ("  TQ_SHARED int last_sh;\n", "  tq_stamp(3);\n"),
     ("  TQ_BARRIER();\n  if (!last_sh) {", None),
