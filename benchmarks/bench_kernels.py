@@ -44,6 +44,17 @@ def bench_cache(scheme, layer_index=0):
     return TurboQuantKVCache(scheme, layer_index=layer_index, rope_frame=frame)
 
 
+def filled_cache(scheme, tokens):
+    """``bench_cache(scheme)`` holding ``tokens`` random bf16 tokens per KV head (batch 1),
+    appended 8192 at a time: bounded temporary memory."""
+    cache = bench_cache(scheme)
+    for start in range(0, tokens, 8192):
+        k = mx.random.normal((1, H_KV, min(8192, tokens - start), D)).astype(mx.bfloat16)
+        cache.update_and_fetch(k, k)
+        mx.eval(cache.keys, cache.values)
+    return cache
+
+
 def setup_arg_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(

@@ -9,9 +9,9 @@ buffer past the words it uses: entry, end of the set-up (tables built), end of t
 spans' weights, the merged rows and the end. Printed per call length: when blocks reach those
 points (percentiles over blocks, from the first block's entry), each phase's median and
 maximum over blocks (medians over calls 2 to 6), and the token loop's median by how many
-blocks shared the SM (the last call's). Each call gets a fresh counter written on the GPU (a counter written on
-the host would move its pages to the GPU inside the timed call). The stamps cost a few
-registers, so times are near, not equal to, the unpatched kernel's (``bash
+blocks shared the SM (the last call's). Each call gets a fresh counter written on the GPU
+(a counter written on the host would move its pages to the GPU inside the timed call). The
+stamps cost a few registers, so times are near, not equal to, the unpatched kernel's (``bash
 benchmarks/device_tc.sh ktimes``).
 """
 
@@ -82,16 +82,12 @@ def _patch():
 
 
 def probe(scheme, T, calls=6):
-    from bench_kernels import D, H_KV, H_Q, bench_cache
+    from bench_kernels import D, H_KV, H_Q, filled_cache
 
     from mlx_lm_turboquant import turboquant_sdpa
     from mlx_lm_turboquant.kernels import launch
 
-    cache = bench_cache(scheme)
-    for start in range(0, T, 8192):
-        k = mx.random.normal((1, H_KV, min(8192, T - start), D)).astype(mx.bfloat16)
-        cache.update_and_fetch(k, k)
-        mx.eval(cache.keys, cache.values)
+    cache = filled_cache(scheme, T)
     q = mx.random.normal((1, H_Q, 1, D)).astype(mx.bfloat16)
     chain = launch._chain(cache)
     words = OFFSET + 2 * (POINTS + 1) * 4096
@@ -105,10 +101,10 @@ def probe(scheme, T, calls=6):
     rows = [_call(np.array(c, copy=True), n_blocks, H_KV) for c in counters[1:]]
     out = {"scheme": scheme, "tokens": T}
     for key, value in rows[0].items():
-        if isinstance(value, dict) and key != "loop_by_blocks_on_sm":
-            out[key] = {k: statistics.median(r[key][k] for r in rows) for k in value}
-        elif key == "loop_by_blocks_on_sm":
+        if key == "loop_by_blocks_on_sm":  # the last call's
             out[key] = rows[-1][key]
+        elif isinstance(value, dict):
+            out[key] = {k: statistics.median(r[key][k] for r in rows) for k in value}
         else:
             out[key] = statistics.median(r[key] for r in rows)
     return out

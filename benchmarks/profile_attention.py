@@ -28,7 +28,7 @@ import mlx_lm_turboquant
 from mlx_lm_turboquant import turboquant_sdpa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import D, H_KV, H_Q, _kernel_variant, bench_cache  # noqa: E402  (siblings)
+from bench_kernels import D, H_KV, H_Q, _kernel_variant, filled_cache  # noqa: E402  (siblings)
 from profile_step import kernel_durations  # noqa: E402
 
 
@@ -136,12 +136,7 @@ def run(scheme, context, calls):
         for _ in range(calls):
             mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5))
         return
-    cache = bench_cache(scheme.split(":")[0])
-    for start in range(0, context, 8192):  # in chunks: bounded temporary memory
-        n = min(8192, context - start)
-        k = mx.random.normal((1, H_KV, n, D)).astype(mx.bfloat16)
-        cache.update_and_fetch(k, k)
-        mx.eval(cache.keys, cache.values)
+    cache = filled_cache(scheme.split(":")[0], context)
     with _kernel_variant(scheme):  # scheme:variant as in bench_kernels
         for _ in range(calls):
             mx.eval(turboquant_sdpa(q, cache, D**-0.5))

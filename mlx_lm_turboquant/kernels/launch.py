@@ -524,8 +524,8 @@ def decode_attention(
         # Decode repeats one configuration per layer: the set-up of the last call is reused
         # while nothing it depends on changed (the lookups below cost host time per layer).
         fast_key = (kernel, shared_bytes, queries.shape, queries.dtype, scale, compiled,
-                    tensor_cores, wide_bytes, _bulk(), TARGET_BLOCKS, MIN_SPAN, cache.scheme,
-                    cache.layer_index, cache.v_dim, packed.shape)  # fmt: skip
+                    tensor_cores, wide_bytes, _settings(), cache.scheme, cache.layer_index,
+                    cache.v_dim, packed.shape)  # fmt: skip
         if chain.fast is not None and chain.fast[0] == fast_key:
             _, setup, n_splits, meta, _ = chain.fast
             return _run_rows(setup, chain, cache, queries, scale, packed, meta, n_splits)
@@ -599,7 +599,8 @@ def _run(setup, chain, queries, scale, keys, values, key_norms, value_norms, mas
 
 
 def _settings() -> tuple:
-    """The module settings and environment a recorded set-up depends on (replay_attention)."""
+    """The module settings and environment a recorded set-up depends on (decode_attention's
+    reused set-up and replay_attention)."""
     return (TARGET_BLOCKS, MIN_SPAN, _bulk(), os.environ.get(TENSOR_CORES_ENV))
 
 

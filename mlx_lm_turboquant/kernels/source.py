@@ -598,8 +598,11 @@ ATTENTION_TC = r"""
   TQ_SHARED float dstep_sh[CENTRED ? 2 * NP : 2];
   TQ_SHARED float zmax_sh[R];
   TQ_SHARED float c0_sh[R];
+  // The value table's offset from the keys' in bytes: none, the upper half of wide rows, or
+  // past the key table.
+  constexpr uint32_t VTAB_OFF = SAME_TABLE ? 0 : WIDE ? 128 : KTAB << TSH;
   TQ_SHARED_PTR(uint32_t) ktab = big_sh;
-  TQ_SHARED_PTR(uint32_t) vtab = big_sh + (SAME_TABLE ? 0 : WIDE ? 32 : KTAB * 32);
+  TQ_SHARED_PTR(uint32_t) vtab = big_sh + VTAB_OFF / 4;
 
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
@@ -870,7 +873,6 @@ ATTENTION_TC = r"""
   const tq_saddr_t tab_base = tq_uniform_addr(tq_shared_addr(big_sh));
   const tq_saddr_t lane_tab = tq_shared_addr(big_sh + lane);  // this lane's entry 0
   const uint32_t lane4 = 4 * lane;
-  constexpr uint32_t VTAB_OFF = SAME_TABLE ? 0 : WIDE ? 128 : KTAB << TSH;  // bytes
   auto lookup = [&](uint32_t tab_off, uint32_t lo, uint32_t hi, int pos, int width) {
     if (width == 8) {
       return WIDE ? tq_lds(tab_base + tq_pair_addr(lo, pos >> 3, lane4 + tab_off))
