@@ -15,6 +15,23 @@ ktimes() {
     --scheme ${KT_SCHEMES:-fp16 turbo4 turbo3 turbo2} --calls 5 \
     --order $1/kt_order.json > $1/kt.csv 2> $1/kt.err
 }
+# ktimes of several trees on one machine, each run twice in turn (name, name2, ...): the
+# arguments are name=dir pairs; then the table in that order (kt_ab.txt, kt_ab.json).
+ktrees() {
+  local dirs=() round spec run
+  for round in "" 2; do
+    for spec in "$@"; do
+      run=${spec%%=*}$round
+      mkdir -p $OUT/raw/$run
+      (cd ${spec#*=} && PYTHONPATH=/root/mlx-site:$PWD ktimes $OUT/raw/$run ${KT_S:-150})
+      echo "$run: rc $? at $SECONDS s"
+      dirs+=($OUT/raw/$run)
+    done
+  done
+  python3 benchmarks/profile_attention.py --summarize ${dirs[@]} --json $OUT/kt_ab.json \
+    | tee $OUT/kt_ab.txt
+  tar -czf $OUT/kt_raw.tgz -C $OUT raw && rm -rf $OUT/raw
+}
 case "${1:-smoke}" in
   smoke)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
@@ -63,34 +80,11 @@ case "${1:-smoke}" in
   ktimes)
     ktimes $OUT ${KT_S:-300} ;;
   ktab)
-    # ktimes of two trees on one machine, alternated (head, new, head2, new2): KT_BASE is a
-    # tree of the code to compare against (`git archive HEAD~1 mlx_lm_turboquant benchmarks
-    # | tar -x -C base`), this tree is the new one; then the table (kt_ab.txt, kt_ab.json).
-    for run in head new head2 new2; do
-      tree=$PWD; [ "${run#head}" != "$run" ] && tree=${KT_BASE:?set KT_BASE to the tree to compare}
-      mkdir -p $OUT/raw/$run
-      (cd $tree && PYTHONPATH=/root/mlx-site:$PWD ktimes $OUT/raw/$run ${KT_S:-150})
-      echo "$run: rc $? at $SECONDS s"
-    done
-    python3 benchmarks/profile_attention.py --summarize $OUT/raw/head $OUT/raw/new $OUT/raw/head2 \
-      $OUT/raw/new2 --json $OUT/kt_ab.json | tee $OUT/kt_ab.txt
-    tar -czf $OUT/kt_raw.tgz -C $OUT raw && rm -rf $OUT/raw ;;
+    # Two trees: KT_BASE is the code to compare against (`git archive HEAD~1
+    # mlx_lm_turboquant benchmarks | tar -x -C base`), this tree the new one.
+    ktrees head=${KT_BASE:?set KT_BASE to the tree to compare} new=. ;;
   ktrees)
-    # ktab for any number of trees, each run twice in turn: KT_TREES="head=base new=." (a
-    # name, then the tree's directory); the table lists them in that order.
-    dirs=()
-    for round in "" 2; do
-      for spec in ${KT_TREES:?set KT_TREES to name=dir pairs}; do
-        run=${spec%%=*}$round
-        mkdir -p $OUT/raw/$run
-        (cd ${spec#*=} && PYTHONPATH=/root/mlx-site:$PWD ktimes $OUT/raw/$run ${KT_S:-150})
-        echo "$run: rc $? at $SECONDS s"
-        dirs+=($OUT/raw/$run)
-      done
-    done
-    python3 benchmarks/profile_attention.py --summarize ${dirs[@]} --json $OUT/kt_ab.json \
-      | tee $OUT/kt_ab.txt
-    tar -czf $OUT/kt_raw.tgz -C $OUT raw && rm -rf $OUT/raw ;;
+    ktrees ${KT_TREES:?set KT_TREES to name=dir pairs, e.g. \"head=base new=.\"} ;;
   timeline)
     timeout ${TIMELINE_S:-300} python3 benchmarks/kernel_timeline.py \
       --schemes ${TIMELINE_SCHEMES:-turbo4 turbo2} --json $OUT/timeline.json 2>&1 \
