@@ -234,14 +234,19 @@ def _rms(a, ref):
 
 def _mask_sinks_exact(q, keys, values, mask, sinks):
     """A random mask of the named kind ("bool", "additive"; else as given), random sinks if
-    asked, and the float32 attention on the original vectors with them."""
+    asked (near each head's largest logit, so that they take a real share of the weight),
+    and the float32 attention on the original vectors with them."""
     _, n_q, L, D = q.shape
     if mask == "bool":
         mask = mx.random.uniform(shape=(L, T)) < 0.7
         mask[:, -1] = True
     elif mask == "additive":
         mask = mx.random.normal((1, n_q, L, T))
-    s = mx.random.normal((n_q,)) if sinks else None
+    s = None
+    if sinks:
+        k = mx.repeat(keys.astype(mx.float32), n_q // keys.shape[1], axis=1)
+        logits = (q.astype(mx.float32) * D**-0.5) @ k.swapaxes(-1, -2)
+        s = logits.max(axis=(0, 2, 3)) + mx.random.normal((n_q,))
     exact = mx.fast.scaled_dot_product_attention(
         q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
         scale=D**-0.5, mask=mask, sinks=s,

@@ -711,7 +711,9 @@ ATTENTION_TC = r"""
   const float inv_sqrt_d = 1.0f / tq_sqrt((float)D);
   {
     constexpr int QSZ = D * R;  // q_sh's size, as _CENTRE_PAIRS reads it
-    const float scale = tq_as_float(SCALE_BITS);
+    // Scores are kept in base 2 (the query carries log2 e, masks and sinks are scaled to
+    // match): exp2 is one MUFU instruction where expf takes seven.
+    const float scale = tq_as_float(SCALE_BITS) * TQ_LOG2E;
     float q_in[QPT];
     TQ_UNROLL for (int k = 0; k < QPT; ++k) {
       const int i = tq_tid + k * NT;
@@ -964,7 +966,7 @@ ATTENTION_TC = r"""
         v = NEG;
       }
       if (MASK_MODE == 2 && t < t_end) {
-        v += mask[(((int64_t)mb * mh_n + mh) * ml_n + ml) * T + t];
+        v += mask[(((int64_t)mb * mh_n + mh) * ml_n + ml) * T + t] * TQ_LOG2E;
       }
       v = t < t_end ? v : -TQ_INF;
       s[h][j & 1] = v;
@@ -974,12 +976,12 @@ ATTENTION_TC = r"""
     mx = tq_max(mx, tq_shfl_xor(mx, 2));
     const float m_new = tq_max(m_run, mx);
     const float m_use = m_new == -TQ_INF ? 0.0f : m_new;
-    const float alpha = tq_exp(m_run - m_use);
+    const float alpha = tq_exp2(m_run - m_use);
     m_run = m_new;
     float p[4];
     float psum = 0.0f;
     TQ_UNROLL for (int j = 0; j < 4; ++j) {
-      const float e = tq_exp(s[j >> 1][j & 1] - m_use);
+      const float e = tq_exp2(s[j >> 1][j & 1] - m_use);
       psum += e;
       p[j] = e * tq_half_bits(nw[j] >> 16);
     }
@@ -1089,7 +1091,7 @@ ATTENTION_TC = r"""
     const float m_use = m == -TQ_INF ? 0.0f : m;
     float l = 0.0f;
     TQ_UNROLL for (int w = 0; w < NWARPS; ++w) {
-      const float wt = tq_exp(m_sh[w * R + r] - m_use);
+      const float wt = tq_exp2(m_sh[w * R + r] - m_use);
       m_sh[w * R + r] = wt;
       l += wt * l_sh[w * R + r];
     }
@@ -1158,23 +1160,23 @@ ATTENTION_TC = r"""
         }
         const float mn = tq_max(m, ml[u].x);
         const float mu = mn == -TQ_INF ? 0.0f : mn;
-        l = l * tq_exp(m - mu) + ml[u].y * tq_exp(ml[u].x - mu);
+        l = l * tq_exp2(m - mu) + ml[u].y * tq_exp2(ml[u].x - mu);
         m = mn;
       }
     }
     float m_row = tq_warp_max(m);
     float sink = 0.0f;
     if (HAS_SINKS) {
-      sink = sinks[kvh * NREP + r / L];
+      sink = sinks[kvh * NREP + r / L] * TQ_LOG2E;
       m_row = tq_max(m_row, sink);
     }
     const float m_use = m_row == -TQ_INF ? 0.0f : m_row;
-    const float den = tq_warp_sum(l * tq_exp(m - m_use));
+    const float den = tq_warp_sum(l * tq_exp2(m - m_use));
     for (int s = lane; s < n_splits; s += 32) {  // the lane's own entries: no barrier
-      w_sh[r * n_splits + s] = tq_exp(w_sh[r * n_splits + s] - m_use);
+      w_sh[r * n_splits + s] = tq_exp2(w_sh[r * n_splits + s] - m_use);
     }
     if (lane == 0) {
-      inv_sh[r] = 1.0f / (den + (HAS_SINKS ? tq_exp(sink - m_use) : 0.0f));
+      inv_sh[r] = 1.0f / (den + (HAS_SINKS ? tq_exp2(sink - m_use) : 0.0f));
     }
   }
   TQ_BARRIER();

@@ -89,6 +89,8 @@ inline void tq_emu_check_dynamic(size_t need) {
 
 inline float tq_max(float a, float b) { return std::fmax(a, b); }
 inline float tq_exp(float x) { return std::exp(x); }
+#define TQ_LOG2E 1.4426950408889634f
+inline float tq_exp2(float x) { return std::exp2(x); }
 inline float tq_sqrt(float x) { return std::sqrt(x); }
 inline float tq_wrap(float x) {
   const float k = std::rint(x * 0.15915494f);
