@@ -234,8 +234,8 @@ def _rms(a, ref):
 
 def _mask_sinks_exact(q, keys, values, mask, sinks):
     """A random mask of the named kind ("bool", "additive"; else as given), random sinks if
-    asked (near each head's largest logit, so that they take a real share of the weight),
-    and the float32 attention on the original vectors with them."""
+    asked (near the log of each head's total weight: most draws take 10-90% of it), and
+    the float32 attention on the original vectors with them."""
     _, n_q, L, D = q.shape
     if mask == "bool":
         mask = mx.random.uniform(shape=(L, T)) < 0.7
