@@ -173,7 +173,8 @@ def _kernel_variant(name):
     with loads of its token rows and wide table rows instead of bulk copies, and
     ``scheme:narrow`` with loads and narrow table rows (what other GPUs get), and
     ``scheme:bulkN`` with bulk copies N steps ahead (for any size of token rows);
-    ``scheme:blocksN`` about N blocks per attention call (``launch.TARGET_BLOCKS``).
+    ``scheme:blocksN`` about N blocks per attention call for every build
+    (``launch.TARGET_BLOCKS``, and none of them takes fewer: ``FEWER_BLOCKS_SHARE``).
     Several join with ``+``: ``turbo4:bulk3+blocks264``."""
     from mlx_lm_turboquant.kernels import cuda, launch
 
@@ -200,9 +201,12 @@ def _kernel_variant(name):
         cuda.wide_bytes = lambda: 0
     launch.BULK_COPIES = not {"loads", "narrow"} & set(variants)
     bulk_steps, min_bytes, blocks = launch.BULK_STEPS, launch.BULK_MIN_BYTES, launch.TARGET_BLOCKS
+    share = launch.FEWER_BLOCKS_SHARE
     if "bulk" in number:
         launch.BULK_STEPS, launch.BULK_MIN_BYTES = number["bulk"], 0
     launch.TARGET_BLOCKS = number.get("blocks", blocks)
+    if "blocks" in number:
+        launch.FEWER_BLOCKS_SHARE = (1, 1)
     try:
         yield
     finally:
@@ -211,7 +215,7 @@ def _kernel_variant(name):
         cuda.wide_bytes = wide_bytes
         launch.BULK_COPIES = True
         launch.BULK_STEPS, launch.BULK_MIN_BYTES = bulk_steps, min_bytes
-        launch.TARGET_BLOCKS = blocks
+        launch.TARGET_BLOCKS, launch.FEWER_BLOCKS_SHARE = blocks, share
         os.environ.pop(TENSOR_CORES_ENV, None)
         if old is not None:
             os.environ[TENSOR_CORES_ENV] = old

@@ -166,13 +166,16 @@ def test_kernel_variants_join_and_restore_the_settings():
     bench = _benchmark("bench_kernels")
     from mlx_lm_turboquant.kernels import launch
 
-    before = (launch.TARGET_BLOCKS, launch.BULK_STEPS, launch.BULK_MIN_BYTES, launch.BULK_COPIES)
+    def settings():
+        return (launch.TARGET_BLOCKS, launch.FEWER_BLOCKS_SHARE, launch.BULK_STEPS,
+                launch.BULK_MIN_BYTES, launch.BULK_COPIES)  # fmt: skip
+
+    before = settings()
     with bench._kernel_variant("turbo4:bulk3+blocks264"):
-        assert (launch.TARGET_BLOCKS, launch.BULK_STEPS, launch.BULK_MIN_BYTES) == (264, 3, 0)
-        assert launch.BULK_COPIES
+        assert settings() == (264, (1, 1), 3, 0, True)  # 264 blocks for every build
     with bench._kernel_variant("turbo3:loads"):
-        assert not launch.BULK_COPIES and launch.TARGET_BLOCKS == before[0]
-    after = (launch.TARGET_BLOCKS, launch.BULK_STEPS, launch.BULK_MIN_BYTES, launch.BULK_COPIES)
+        assert not launch.BULK_COPIES and settings()[:2] == before[:2]
+    after = settings()
     assert after == before
     for bad in ("turbo4:blocks0", "turbo4:bulk1", "turbo4:wide", "turbo4:loads+fast"):
         with pytest.raises(ValueError, match="unknown kernel variant"):

@@ -246,7 +246,7 @@ def _mask_sinks_exact(q, keys, values, mask, sinks):
     if sinks:
         k = mx.repeat(keys.astype(mx.float32), n_q // keys.shape[1], axis=1)
         logits = (q.astype(mx.float32) * D**-0.5) @ k.swapaxes(-1, -2)
-        s = logits.max(axis=(0, 2, 3)) + mx.random.normal((n_q,))
+        s = mx.logsumexp(logits, axis=-1).mean(axis=(0, 2)) + mx.random.normal((n_q,))
     exact = mx.fast.scaled_dot_product_attention(
         q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
         scale=D**-0.5, mask=mask, sinks=s,
@@ -474,6 +474,35 @@ def test_emulated_tensor_core_merge_over_many_spans(monkeypatch, tokens):
     assert not mx.isnan(fused).any() and _rms(fused, exact) <= 2 * e_twin
     assert _rms(fused, twin.astype(mx.float32)) < 0.05 * e_twin
     assert _rms(run(tensor_cores=False), twin.astype(mx.float32)) < 0.05 * e_twin
+
+
+@pytest.mark.parametrize("scheme, tensor_cores, fewer", [
+    ("turbo3", True, True), ("turbo3", False, False), ("turbo4", True, False),
+    ("turbo2", True, False), ("turbo4v3", True, False)])  # fmt: skip
+def test_turbo3_tensor_core_launch_takes_fewer_blocks(monkeypatch, scheme, tensor_cores, fewer):
+    """turbo3's tensor-core build spreads a long context over FEWER_BLOCKS_SHARE of
+    TARGET_BLOCKS (faster on the H100); every other build over TARGET_BLOCKS."""
+    import kernel_emulator as emu
+
+    _build(monkeypatch, "bulk")
+    taken = {}
+
+    def layout(cap, n_blocks, tile, n_kv_heads, target_blocks, min_span, max_splits):
+        taken.update(target=target_blocks, n_blocks=n_blocks)
+        raise StopIteration  # the spans are all this test needs; nothing runs
+
+    monkeypatch.setattr(launch, "_layout", layout)
+    cache = TurboQuantKVCache(scheme, layer_index=2)
+    cache.update_and_fetch(*(mx.random.normal((1, 8, 300, 128)).astype(mx.bfloat16)
+                             for _ in "kv"))  # fmt: skip
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
+    with pytest.raises(StopIteration):
+        launch.decode_attention(emu.kernel, emu.SHARED_BYTES, q, cache, 128**-0.5,
+                                tensor_cores=tensor_cores, wide_bytes=WIDE)  # fmt: skip
+    want = launch.TARGET_BLOCKS * 2 // 3 if fewer else launch.TARGET_BLOCKS
+    assert taken == {"target": want, "n_blocks": 8}
+    span, n = launch.split_tokens(131072, 8, 64, taken["target"])
+    assert want // 2 < n * 8 <= want  # about that many blocks at 128k tokens
 
 
 def test_fused_merge_caps_the_spans():

@@ -25,6 +25,11 @@ MAX_ROWS = 64  # query rows sharing one KV head in one block (n_rep * L)
 # docs/kernels.md).
 TARGET_BLOCKS = 396
 MIN_SPAN = 512
+# turbo3's tensor-core build (3-bit keys and values, not centred) takes two thirds of that,
+# two blocks per SM: on the H100 at 32k tokens 24.4-24.7 us against 25.2-26.0 with 396
+# blocks, the same within 1% at 4k and 128k (docs/kernels.md, session 21). Other builds
+# gained nothing from other counts (turbo4: 264-528 blocks, session 18).
+FEWER_BLOCKS_SHARE = (2, 3)
 PREFETCH_WORDS = 48  # registers per thread holding the next tile
 # On sm_90 and later the tensor-core kernel's warps take their token rows by bulk copies
 # into shared memory, BULK_STEPS steps ahead (source.ATTENTION_TC), where a step's 16 rows
@@ -265,11 +270,10 @@ def tensor_core_plan(D, n_rep, L, key_bits, value_bits, same_table, shared_bytes
     if not (2 <= key_bits <= 4 and 2 <= value_bits <= 4):
         return None
     same = bool(same_table) and key_bits == value_bits
-    # Prefetching token rows ahead pays for 2- and 4-bit codes (turbo4 at 128k tokens 69.6 ->
-    # 67.4 us, turbo4c 147.9 -> 133.3 us on the H100); for 3-bit codes, which straddle words,
-    # its addresses took the build from 128 to 167 registers and cost more than it gained
-    # (80.1 -> 85.4 us).
-    prefetch = packed and 3 not in (key_bits, value_bits)
+    # Prefetching token rows ahead pays (H100, 128k tokens: turbo4 69.6 -> 67.4 us, turbo4c
+    # 147.9 -> 133.3 us; turbo3 65.2 -> 60.7 us since its loop took base-2 exponentials,
+    # where before it had cost turbo3 registers and time, 80.1 -> 85.4 us).
+    prefetch = packed
     plan = TensorCorePlan(D, R, L, n_rep, TC_THREADS, key_bits, value_bits,
                           D * key_bits // 32, D * value_bits // 32, same, packed,
                           *centring, prefetch)  # fmt: skip
@@ -448,6 +452,7 @@ class _Launch(NamedTuple):
     outside_query: bool  # the query is too large for shared memory: scaled (and rotated) here
     key_codec: object
     max_splits: Optional[int]  # the fused merge's limit (tensor-core kernel), else None
+    fewer_blocks: bool = False  # FEWER_BLOCKS_SHARE of TARGET_BLOCKS (turbo3's build)
 
 
 def _plan(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_rep, L, D, tensor_cores,
@@ -495,8 +500,17 @@ def _launch(kernel, shared_bytes, key_codec, value_codec, key_dtype, n_kv_heads,
     rot_t = value_codec.rotation.matrix_t
     if op == "attention_tc":  # its rotations are transforms: the signs are all it reads
         rot, rot_t = key_codec.rotation.signs, value_codec.rotation.signs
+    fewer = op == "attention_tc" and plan.KBITS == plan.VBITS == 3 and not plan.CENTRED
     return _Launch(graph, plan.TILE, BH, rot, kcent, value_codec.centroids, rot_t,
-                   key_codec is None, not plan.Q_SH, key_codec, plan.max_splits)  # fmt: skip
+                   key_codec is None, not plan.Q_SH, key_codec, plan.max_splits,
+                   fewer)  # fmt: skip
+
+
+def target_blocks(setup) -> int:
+    """Blocks per attention call, at most, for a launch set-up (TARGET_BLOCKS, or its
+    FEWER_BLOCKS_SHARE for the builds that run faster so)."""
+    share, whole = FEWER_BLOCKS_SHARE if setup.fewer_blocks else (1, 1)
+    return TARGET_BLOCKS * share // whole
 
 
 def decode_attention(
@@ -551,8 +565,8 @@ def decode_attention(
     )  # fmt: skip
     if setup is None:
         return None
-    n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, TARGET_BLOCKS, MIN_SPAN,
-                             setup.max_splits)  # fmt: skip
+    n_splits, meta = _layout(cap, setup.n_blocks, setup.tile, n_kv_heads, target_blocks(setup),
+                             MIN_SPAN, setup.max_splits)  # fmt: skip
     if fast_key is not None:
         # What a replay must find unchanged; only a set-up taking the tensor-core setting
         # from the environment may be replayed (a caller's explicit choice is not checked).
@@ -601,7 +615,8 @@ def _run(setup, chain, queries, scale, keys, values, key_norms, value_norms, mas
 def _settings() -> tuple:
     """The module settings and environment a recorded set-up depends on (decode_attention's
     reused set-up and replay_attention)."""
-    return (TARGET_BLOCKS, MIN_SPAN, _bulk(), os.environ.get(TENSOR_CORES_ENV))
+    return (TARGET_BLOCKS, FEWER_BLOCKS_SHARE, MIN_SPAN, _bulk(),
+            os.environ.get(TENSOR_CORES_ENV))  # fmt: skip
 
 
 def replay_attention(replay, chain, cache, queries, scale):
