@@ -487,16 +487,19 @@ def test_turbo3_tensor_core_launch_takes_fewer_blocks(monkeypatch, scheme, tenso
     _build(monkeypatch, "bulk")
     taken = {}
 
+    class SpansTaken(Exception):
+        pass
+
     def layout(cap, n_blocks, tile, n_kv_heads, target_blocks, min_span, max_splits):
         taken.update(target=target_blocks, n_blocks=n_blocks)
-        raise StopIteration  # the spans are all this test needs; nothing runs
+        raise SpansTaken  # the spans are all this test needs; nothing runs
 
     monkeypatch.setattr(launch, "_layout", layout)
     cache = TurboQuantKVCache(scheme, layer_index=2)
     cache.update_and_fetch(*(mx.random.normal((1, 8, 300, 128)).astype(mx.bfloat16)
                              for _ in "kv"))  # fmt: skip
     q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
-    with pytest.raises(StopIteration):
+    with pytest.raises(SpansTaken):
         launch.decode_attention(emu.kernel, emu.SHARED_BYTES, q, cache, 128**-0.5,
                                 tensor_cores=tensor_cores, wide_bytes=WIDE)  # fmt: skip
     want = launch.TARGET_BLOCKS * 2 // 3 if fewer else launch.TARGET_BLOCKS
