@@ -15,6 +15,16 @@ VAL_IDS = SHARED / "data" / "tq-llama-val-ids.npy"
 DEMO_MODEL = ROOT / "models" / "tq-llama-8k-4bit"
 
 
+def heavy_sinks(queries, keys, scale):
+    """Attention sinks for the kernel tests: near the log of each query head's total weight,
+    plus a standard normal, so a sink takes 10-90% of the weight in most draws (sinks around
+    zero carry so little that a wrongly scaled sink passes)."""
+    n_q = queries.shape[1]
+    k = mx.repeat(keys.astype(mx.float32), n_q // keys.shape[1], axis=1)
+    logits = (queries.astype(mx.float32) * scale) @ k.swapaxes(-1, -2)
+    return mx.logsumexp(logits, axis=-1).mean(axis=(0, 2)) + mx.random.normal((n_q,))
+
+
 def _require(path: Path):
     if path.exists():
         return

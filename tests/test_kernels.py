@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import heavy_sinks
+
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.codec import get_codec
 from mlx_lm_turboquant.codec.packing import token_rows
@@ -234,19 +236,14 @@ def _rms(a, ref):
 
 def _mask_sinks_exact(q, keys, values, mask, sinks):
     """A random mask of the named kind ("bool", "additive"; else as given), random sinks if
-    asked (near the log of each head's total weight: most draws take 10-90% of it), and
-    the float32 attention on the original vectors with them."""
+    asked (``heavy_sinks``), and the float32 attention on the original vectors with them."""
     _, n_q, L, D = q.shape
     if mask == "bool":
         mask = mx.random.uniform(shape=(L, T)) < 0.7
         mask[:, -1] = True
     elif mask == "additive":
         mask = mx.random.normal((1, n_q, L, T))
-    s = None
-    if sinks:
-        k = mx.repeat(keys.astype(mx.float32), n_q // keys.shape[1], axis=1)
-        logits = (q.astype(mx.float32) * D**-0.5) @ k.swapaxes(-1, -2)
-        s = mx.logsumexp(logits, axis=-1).mean(axis=(0, 2)) + mx.random.normal((n_q,))
+    s = heavy_sinks(q, keys, D**-0.5) if sinks else None
     exact = mx.fast.scaled_dot_product_attention(
         q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
         scale=D**-0.5, mask=mask, sinks=s,

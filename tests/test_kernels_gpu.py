@@ -11,6 +11,8 @@ import time
 import mlx.core as mx
 import pytest
 
+from conftest import heavy_sinks
+
 from mlx_lm_turboquant import TurboQuantKVCache, kernels, turboquant_sdpa
 from mlx_lm_turboquant.codec import get_codec
 from mlx_lm_turboquant.codec.centring import RopeFrame
@@ -45,11 +47,7 @@ def _case(scheme, D, n_rep, L, dtype, seed, n_kv=2, mask=None, sinks=False, scal
     cache.update_and_fetch(keys[:, :, : T - L], values[:, :, : T - L])
     cache.update_and_fetch(keys[:, :, T - L :], values[:, :, T - L :])
     scale_qk = D**-0.5
-    s = None
-    if sinks:  # near the log of each head's total weight: most draws take 10-90% of it
-        k = mx.repeat(keys.astype(mx.float32), n_rep, axis=1)
-        logits = (queries.astype(mx.float32) * scale_qk) @ k.swapaxes(-1, -2)
-        s = mx.logsumexp(logits, axis=-1).mean(axis=(0, 2)) + mx.random.normal((n_kv * n_rep,))
+    s = heavy_sinks(queries, keys, scale_qk) if sinks else None
     exact = mx.fast.scaled_dot_product_attention(
         queries.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
         scale=scale_qk, mask=mask, sinks=s, stream=mx.cpu,
